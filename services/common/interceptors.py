@@ -1,0 +1,150 @@
+"""The server interceptor every service runs: request id, auth, logging, error mapping.
+
+It wraps unary and streaming handlers alike. Domain errors (`ServiceError`) become their
+status code with `google.rpc.Status` details; anything else becomes INTERNAL with the
+request id and no internals, and is logged with its traceback.
+"""
+
+import inspect
+import logging
+import time
+import uuid
+
+import grpc
+from grpc_status import rpc_status
+
+from services.common.auth import Authenticator
+from services.common.context import (
+    authorization_var,
+    deadline_var,
+    principal_var,
+    request_id_var,
+)
+from services.common.errors import ServiceError
+
+_LOGGER = logging.getLogger(__name__)
+
+REQUEST_ID_KEY = "x-request-id"
+# Health and reflection stay open so probes and grpcurl work without credentials.
+_OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._authenticator = authenticator
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        enforce_auth = self._authenticator.enabled and not method.startswith(_OPEN_PREFIXES)
+        metadata = handler_call_details.invocation_metadata or ()
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(
+                self._wrap_stream(handler.stream_stream, method, metadata, enforce_auth),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(handler.stream_unary, method, metadata, enforce_auth),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method, metadata, enforce_auth),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        return grpc.unary_unary_rpc_method_handler(
+            self._wrap_unary(handler.unary_unary, method, metadata, enforce_auth),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+
+    def _enter(self, context, method, metadata, enforce_auth) -> str:
+        """Sets the call's context variables; raises ServiceError on bad credentials."""
+        request_id = ""
+        authorization = ""
+        for key, value in metadata:
+            if key == REQUEST_ID_KEY:
+                request_id = value
+            elif key == "authorization":
+                authorization = value
+        request_id = request_id[:128] or uuid.uuid4().hex
+        request_id_var.set(request_id)
+        authorization_var.set(authorization)
+        remaining = context.time_remaining()
+        deadline_var.set(None if remaining is None else time.monotonic() + remaining)
+        if enforce_auth:
+            principal_var.set(self._authenticator.authenticate(authorization))
+        return request_id
+
+    def _wrap_unary(self, behavior, method, metadata, enforce_auth):
+        async def wrapper(request, context):
+            started = time.perf_counter()
+            try:
+                request_id = self._enter(context, method, metadata, enforce_auth)
+                response = await behavior(request, context)
+            except Exception as exc:
+                await _abort(context, exc, method, started)
+            _log_done(method, started, request_id)
+            return response
+
+        return wrapper
+
+    def _wrap_stream(self, behavior, method, metadata, enforce_auth):
+        async def wrapper(request, context):
+            started = time.perf_counter()
+            try:
+                request_id = self._enter(context, method, metadata, enforce_auth)
+                result = behavior(request, context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                else:
+                    await result
+            except Exception as exc:
+                await _abort(context, exc, method, started)
+            _log_done(method, started, request_id)
+
+        return wrapper
+
+
+def _log_done(method: str, started: float, request_id: str) -> None:
+    if _LOGGER.isEnabledFor(logging.DEBUG):
+        _LOGGER.debug(
+            "%s OK in %.1f ms",
+            method,
+            (time.perf_counter() - started) * 1000,
+            extra={"method": method, "request_id": request_id},
+        )
+
+
+async def _abort(context, exc: Exception, method: str, started: float) -> None:
+    """Ends the call with the status for exc. Always raises."""
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc
+    request_id = request_id_var.get()
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    if isinstance(exc, ServiceError):
+        error = exc
+        _LOGGER.info(
+            "%s failed %s (%s): %s", method, error.code.name, error.reason, error.message,
+            extra={"method": method, "code": error.code.name, "elapsed_ms": elapsed_ms},
+        )
+    else:
+        _LOGGER.exception(
+            "%s failed with an unexpected error", method,
+            extra={"method": method, "elapsed_ms": elapsed_ms},
+        )
+        error = ServiceError(f"internal error; quote request id {request_id} to the operator")
+    error.metadata.setdefault("request_id", request_id)
+    status = rpc_status.to_status(error.to_status())
+    await context.abort(
+        status.code,
+        status.details,
+        trailing_metadata=(*status.trailing_metadata, (REQUEST_ID_KEY, request_id)),
+    )

@@ -1,0 +1,41 @@
+"""Entry point shared by every service's __main__: settings, logging, serve, drain."""
+
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
+
+from pydantic import ValidationError
+
+from services.common.logs import configure_logging
+from services.common.server import RunningServer, run_until_signalled
+from services.common.settings import ServiceSettings
+
+_LOGGER = logging.getLogger(__name__)
+
+S = TypeVar("S", bound=ServiceSettings)
+
+
+class App(Protocol):
+    server: RunningServer
+
+    async def close(self) -> None: ...
+
+
+def run_service(settings_class: type[S], start: Callable[[S], Awaitable[App]]) -> None:
+    """Builds settings from the environment, starts the app, serves until signalled."""
+    try:
+        settings = settings_class()
+    except ValidationError as exc:
+        sys.exit(f"invalid settings for {settings_class.__name__}:\n{exc}")
+    configure_logging(settings.log_level, settings.log_json)
+
+    async def serve() -> None:
+        try:
+            app = await start(settings)
+        except ValueError as exc:
+            sys.exit(f"cannot start: {exc}")
+        await run_until_signalled(app.server, app.close)
+
+    asyncio.run(serve())

@@ -1,0 +1,69 @@
+"""Settings every service shares; each service subclasses with its own env prefix."""
+
+import ipaddress
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """Read from `RAGMESH_<SERVICE>_*` environment variables, validated at start.
+
+    List and dict values are given as JSON, for example
+    `RAGMESH_INGEST_API_KEYS='{"secret-key": "alice:acme"}'`.
+    """
+
+    model_config = SettingsConfigDict(extra="ignore", validate_default=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535)
+    # Where the service keeps its files (databases, blobs, local Qdrant).
+    data_dir: Path = Path("var")
+    log_level: str = "INFO"
+    log_json: bool = False
+    # Seconds in-flight calls get to finish after SIGTERM before they are cancelled.
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    # API key -> "subject:tenant" (or just "subject", tenant "default").
+    api_keys: dict[str, str] = Field(default_factory=dict)
+    # HS256 secret, or a PEM public key for RS256/ES256, to verify JWT bearer tokens.
+    jwt_key: str = ""
+    jwt_algorithms: list[str] = Field(default_factory=lambda: ["HS256"])
+    jwt_audience: str = ""
+    # Claim holding the tenant; the subject comes from "sub".
+    jwt_tenant_claim: str = "tenant"
+    # Must be set to listen beyond loopback without credentials configured.
+    auth_disabled: bool = False
+    # OTLP/gRPC endpoint for traces, for example http://otel-collector:4317.
+    otlp_endpoint: str = ""
+    # Largest message the server accepts or sends, bytes.
+    max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError(f"unknown log level {value!r}")
+        return value
+
+    @property
+    def auth_configured(self) -> bool:
+        return bool(self.api_keys or self.jwt_key)
+
+    @property
+    def loopback_only(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:
+            return False
+
+    def check_exposure(self) -> None:
+        """Refuses to expose an unauthenticated service beyond loopback."""
+        if not self.loopback_only and not self.auth_configured and not self.auth_disabled:
+            raise ValueError(
+                f"refusing to listen on {self.host} without credentials: set api_keys or "
+                "jwt_key, or set auth_disabled=true to run an open service on purpose"
+            )
