@@ -14,9 +14,7 @@ class Authenticator:
 
     def __init__(self, settings: ServiceSettings) -> None:
         self.enabled = settings.auth_configured and not settings.auth_disabled
-        self._api_keys = {
-            key: _parse_principal(value) for key, value in settings.api_keys.items()
-        }
+        self._api_keys = {key: _parse_principal(value) for key, value in settings.api_keys.items()}
         self._jwt_key = settings.jwt_key
         self._jwt_algorithms = settings.jwt_algorithms
         self._jwt_audience = settings.jwt_audience or None

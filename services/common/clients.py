@@ -121,7 +121,8 @@ class Upstream(Generic[StubT]):
                 metadata={"upstream": self.name},
             )
         error = ServiceError(
-            f"{self.name} service failed: {exc.details()}", reason="UPSTREAM_ERROR",
+            f"{self.name} service failed: {exc.details()}",
+            reason="UPSTREAM_ERROR",
             metadata={"upstream": self.name, "upstream_code": code.name},
         )
         error.code = code

@@ -20,9 +20,7 @@ principal_var: contextvars.ContextVar[Principal] = contextvars.ContextVar(
     "principal", default=ANONYMOUS
 )
 # The incoming call's authorization header, forwarded to upstream services.
-authorization_var: contextvars.ContextVar[str] = contextvars.ContextVar(
-    "authorization", default=""
-)
+authorization_var: contextvars.ContextVar[str] = contextvars.ContextVar("authorization", default="")
 # Monotonic time by which the incoming call must be answered; None without a deadline.
 deadline_var: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "deadline", default=None

@@ -64,7 +64,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             handler.response_serializer,
         )
 
-    def _enter(self, context, method, metadata, enforce_auth) -> str:
+    def _enter(self, context, metadata, enforce_auth) -> None:
         """Sets the call's context variables; raises ServiceError on bad credentials."""
         request_id = ""
         authorization = ""
@@ -80,17 +80,16 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         deadline_var.set(None if remaining is None else time.monotonic() + remaining)
         if enforce_auth:
             principal_var.set(self._authenticator.authenticate(authorization))
-        return request_id
 
     def _wrap_unary(self, behavior, method, metadata, enforce_auth):
         async def wrapper(request, context):
             started = time.perf_counter()
             try:
-                request_id = self._enter(context, method, metadata, enforce_auth)
+                self._enter(context, metadata, enforce_auth)
                 response = await behavior(request, context)
             except Exception as exc:
                 await _abort(context, exc, method, started)
-            _log_done(method, started, request_id)
+            _log_done(method, started)
             return response
 
         return wrapper
@@ -99,7 +98,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         async def wrapper(request, context):
             started = time.perf_counter()
             try:
-                request_id = self._enter(context, method, metadata, enforce_auth)
+                self._enter(context, metadata, enforce_auth)
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
                     async for item in result:
@@ -108,18 +107,18 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                     await result
             except Exception as exc:
                 await _abort(context, exc, method, started)
-            _log_done(method, started, request_id)
+            _log_done(method, started)
 
         return wrapper
 
 
-def _log_done(method: str, started: float, request_id: str) -> None:
+def _log_done(method: str, started: float) -> None:
     if _LOGGER.isEnabledFor(logging.DEBUG):
         _LOGGER.debug(
             "%s OK in %.1f ms",
             method,
             (time.perf_counter() - started) * 1000,
-            extra={"method": method, "request_id": request_id},
+            extra={"method": method},
         )
 
 
@@ -132,12 +131,17 @@ async def _abort(context, exc: Exception, method: str, started: float) -> None:
     if isinstance(exc, ServiceError):
         error = exc
         _LOGGER.info(
-            "%s failed %s (%s): %s", method, error.code.name, error.reason, error.message,
+            "%s failed %s (%s): %s",
+            method,
+            error.code.name,
+            error.reason,
+            error.message,
             extra={"method": method, "code": error.code.name, "elapsed_ms": elapsed_ms},
         )
     else:
         _LOGGER.exception(
-            "%s failed with an unexpected error", method,
+            "%s failed with an unexpected error",
+            method,
             extra={"method": method, "elapsed_ms": elapsed_ms},
         )
         error = ServiceError(f"internal error; quote request id {request_id} to the operator")

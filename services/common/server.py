@@ -83,8 +83,11 @@ async def create_server(
         spec.add_to_server(spec.servicer, server)
     names = [spec.full_name for spec in services]
     reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME],
+        [
+            *names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
         server,
     )
     host = f"[{settings.host}]" if ":" in settings.host else settings.host

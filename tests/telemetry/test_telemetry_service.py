@@ -1,0 +1,216 @@
+"""The telemetry service over real gRPC: snapshot values, watch stream, mesh view."""
+
+import asyncio
+from types import SimpleNamespace
+
+import grpc
+import psutil
+import pytest
+from google.protobuf import duration_pb2
+
+from ragmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
+from services.telemetry import app as telemetry_app
+from services.telemetry.settings import TelemetrySettings
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture
+async def telemetry(tmp_path):
+    apps = []
+
+    async def start(nvml=None, **overrides):
+        settings = TelemetrySettings(port=0, data_directories=[tmp_path], **overrides)
+        app = await telemetry_app.start(settings, nvml=nvml)
+        apps.append(app)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+        return app, telemetry_pb2_grpc.TelemetryServiceStub(channel)
+
+    yield start
+    for app in apps:
+        await app.server.stop(0)
+        await app.close()
+
+
+async def test_system_status_values_are_sane(telemetry, tmp_path):
+    _, stub = await telemetry()
+    status = (await stub.GetSystemStatus(telemetry_pb2.GetSystemStatusRequest())).status
+    assert status.hostname
+    assert status.cpu.logical_cores == psutil.cpu_count()
+    assert len(status.cpu.per_core_usage_percent) == status.cpu.logical_cores
+    assert 0 <= status.cpu.usage_percent <= 100
+    assert status.memory.total_bytes == psutil.virtual_memory().total
+    assert 0 < status.memory.available_bytes <= status.memory.total_bytes
+    assert status.uptime.seconds > 0
+    assert status.boot_time.seconds < status.time.seconds
+    assert status.process_rss_bytes > 10 * 2**20
+    data_disks = [d for d in status.disks if str(tmp_path.resolve()) in d.data_directories]
+    assert len(data_disks) == 1
+    assert data_disks[0].total_bytes >= data_disks[0].used_bytes > 0
+    # No GPU on this machine: an empty list and a reason, not an error.
+    assert list(status.gpus) == []
+    assert status.gpu_unavailable_reason
+
+
+async def test_warnings_name_a_full_disk_and_low_memory(telemetry):
+    _, stub = await telemetry(disk_warning_percent=0.0, memory_warning_percent=0.0)
+    status = (await stub.GetSystemStatus(telemetry_pb2.GetSystemStatusRequest())).status
+    codes = {w.code for w in status.warnings}
+    assert {"DISK_NEARLY_FULL", "MEMORY_LOW"} <= codes
+    assert all(w.message for w in status.warnings)
+    severities = [w.severity for w in status.warnings]
+    assert severities == sorted(severities, reverse=True)
+
+
+async def test_watch_yields_updates_and_ends_on_cancel(telemetry):
+    _, stub = await telemetry(watch_min_interval_seconds=0.1)
+    call = stub.WatchSystemStatus(
+        telemetry_pb2.WatchSystemStatusRequest(interval=duration_pb2.Duration(nanos=100_000_000))
+    )
+    times = []
+    for _ in range(3):
+        times.append((await call.read()).status.time.ToNanoseconds())
+    assert times == sorted(times) and len(set(times)) == 3
+    call.cancel()
+    assert call.cancelled()
+    # The service keeps answering after a cancelled stream.
+    assert (await stub.GetSystemStatus(telemetry_pb2.GetSystemStatusRequest())).status.hostname
+
+
+async def test_watch_rejects_negative_interval(telemetry):
+    _, stub = await telemetry()
+    call = stub.WatchSystemStatus(
+        telemetry_pb2.WatchSystemStatusRequest(interval=duration_pb2.Duration(seconds=-1))
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "interval" in caught.value.details()
+
+
+async def test_mesh_status_reports_serving_and_unreachable(telemetry):
+    first, _ = await telemetry()
+    _, stub = await telemetry(
+        mesh_targets={"alive": f"127.0.0.1:{first.port}", "gone": "127.0.0.1:1"},
+        mesh_probe_timeout_seconds=0.5,
+    )
+    services = (await stub.GetMeshStatus(telemetry_pb2.GetMeshStatusRequest())).services
+    by_name = {s.name: s for s in services}
+    assert by_name["alive"].state == telemetry_pb2.ServiceHealth.STATE_SERVING
+    assert by_name["alive"].latency.ToNanoseconds() > 0
+    assert by_name["gone"].state == telemetry_pb2.ServiceHealth.STATE_UNREACHABLE
+    assert by_name["gone"].error
+
+
+class FakeNvml:
+    """A fake pynvml: two GPUs, one hot, one without a fan reading."""
+
+    NVML_TEMPERATURE_GPU = 0
+    NVML_CLOCK_GRAPHICS = 0
+    NVML_CLOCK_MEM = 2
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self) -> None:
+        self.shutdowns = 0
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlShutdown(self):
+        self.shutdowns += 1
+
+    def nvmlSystemGetDriverVersion(self):
+        return b"550.54.15"
+
+    def nvmlDeviceGetCount(self):
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return index
+
+    def nvmlDeviceGetName(self, handle):
+        return f"NVIDIA H100 #{handle}"
+
+    def nvmlDeviceGetUUID(self, handle):
+        return f"GPU-{handle:04d}"
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return SimpleNamespace(total=80 * 2**30, used=10 * 2**30, free=70 * 2**30)
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        return SimpleNamespace(gpu=75, memory=40)
+
+    def nvmlDeviceGetTemperature(self, handle, sensor):
+        return 90 if handle == 1 else 50
+
+    def nvmlDeviceGetPowerUsage(self, handle):
+        return 250_000
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle):
+        return 700_000
+
+    def nvmlDeviceGetFanSpeed(self, handle):
+        if handle == 1:
+            raise self.NVMLError("Not Supported")
+        return 30
+
+    def nvmlDeviceGetClockInfo(self, handle, clock):
+        return 1980 if clock == self.NVML_CLOCK_GRAPHICS else 2619
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        return [SimpleNamespace(pid=psutil.Process().pid, usedGpuMemory=2**30)]
+
+
+async def test_gpus_through_fake_nvml(telemetry):
+    fake = FakeNvml()
+    _, stub = await telemetry(nvml=fake)
+    status = (await stub.GetSystemStatus(telemetry_pb2.GetSystemStatusRequest())).status
+    assert status.gpu_unavailable_reason == ""
+    assert [g.uuid for g in status.gpus] == ["GPU-0000", "GPU-0001"]
+    first, hot = status.gpus
+    assert first.driver_version == "550.54.15"
+    assert first.memory_total_bytes == 80 * 2**30
+    assert first.power_draw_watts == 250.0 and first.power_limit_watts == 700.0
+    assert first.fan_speed_percent == 30 and first.HasField("fan_speed_percent")
+    assert not hot.HasField("fan_speed_percent")
+    assert first.processes[0].used_memory_bytes == 2**30
+    assert first.processes[0].name == psutil.Process().name()
+    gpu_warnings = [w for w in status.warnings if w.code == "GPU_HOT"]
+    assert len(gpu_warnings) == 1 and "GPU 1" in gpu_warnings[0].message
+    assert fake.shutdowns == 1
+    skipped = await stub.GetSystemStatus(
+        telemetry_pb2.GetSystemStatusRequest(skip_gpu_processes=True)
+    )
+    assert list(skipped.status.gpus[0].processes) == []
+
+
+async def test_fake_nvml_init_failure_is_a_reason_not_an_error(telemetry):
+    fake = FakeNvml()
+
+    def broken_init():
+        raise FakeNvml.NVMLError("Driver Not Loaded")
+
+    fake.nvmlInit = broken_init
+    _, stub = await telemetry(nvml=fake)
+    status = (await stub.GetSystemStatus(telemetry_pb2.GetSystemStatusRequest())).status
+    assert list(status.gpus) == []
+    assert "Driver Not Loaded" in status.gpu_unavailable_reason
+
+
+async def test_snapshots_do_not_block_the_event_loop(telemetry):
+    _, stub = await telemetry(cpu_sample_seconds=0.5)
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    await stub.GetSystemStatus(telemetry_pb2.GetSystemStatusRequest())
+    task.cancel()
+    # A blocked loop would tick once; a free one ticks throughout the 0.5 s sample.
+    assert ticks > 10
