@@ -40,6 +40,8 @@ lint:
 	$(BUF) lint
 
 test: setup
+	$(PY) -m ruff check services tests bench
+	$(BUF) lint
 	$(PY) -m pytest -q
 
 run: setup
