@@ -1,0 +1,71 @@
+"""Settings validation at start, and the JSON log format."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from services.common.context import request_id_var
+from services.common.logs import configure_logging
+from services.telemetry.settings import TelemetrySettings
+
+
+def test_settings_come_from_prefixed_environment(monkeypatch):
+    monkeypatch.setenv("RAGMESH_TELEMETRY_PORT", "6123")
+    monkeypatch.setenv("RAGMESH_TELEMETRY_API_KEYS", '{"k": "alice:acme"}')
+    monkeypatch.setenv("RAGMESH_INGEST_PORT", "7000")
+    settings = TelemetrySettings()
+    assert settings.port == 6123
+    assert settings.api_keys == {"k": "alice:acme"}
+
+
+def test_invalid_setting_is_rejected_with_its_name():
+    with pytest.raises(ValidationError, match="port"):
+        TelemetrySettings(port=70000)
+    with pytest.raises(ValidationError, match="log level"):
+        TelemetrySettings(log_level="LOUD")
+
+
+def test_service_with_bad_setting_exits_with_a_message():
+    env = {**os.environ, "RAGMESH_TELEMETRY_PORT": "not-a-port"}
+    result = subprocess.run(
+        [sys.executable, "-m", "services.telemetry"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "invalid settings" in result.stderr and "port" in result.stderr
+
+
+def test_service_refuses_open_exposure_at_start():
+    env = {**os.environ, "RAGMESH_TELEMETRY_HOST": "0.0.0.0", "RAGMESH_TELEMETRY_PORT": "0"}
+    result = subprocess.run(
+        [sys.executable, "-m", "services.telemetry"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "without credentials" in result.stderr
+
+
+def test_json_logs_carry_request_id_and_extra_fields(capsys):
+    configure_logging("INFO", json_output=True)
+    token = request_id_var.set("req-7")
+    try:
+        logging.getLogger("ragmesh.test").info("indexed %d chunks", 3, extra={"document": "d1"})
+    finally:
+        request_id_var.reset(token)
+        logging.getLogger().handlers.clear()
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert line["message"] == "indexed 3 chunks"
+    assert line["request_id"] == "req-7"
+    assert line["document"] == "d1"
+    assert line["level"] == "INFO"
