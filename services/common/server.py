@@ -17,6 +17,9 @@ from services.common.settings import ServiceSettings
 
 _LOGGER = logging.getLogger(__name__)
 
+# Health name that answers SERVING while the process is up and not draining, whatever
+# the service's readiness: liveness probes use it, readiness probes use "".
+LIVENESS = "liveness"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -96,6 +99,7 @@ async def create_server(
         raise RuntimeError(f"could not bind {host}:{settings.port}")
     await server.start()
     running = RunningServer(server, port, health_servicer, names, settings)
+    await health_servicer.set(LIVENESS, SERVING)
     await running.set_serving(serving)
     _LOGGER.info("listening on %s:%d (%s)", settings.host, port, ", ".join(names))
     return running

@@ -122,6 +122,20 @@ async def test_health_serving_and_reflection_lists_services(probe_server):
     assert SERVICE in listed and "grpc.health.v1.Health" in listed
 
 
+async def test_liveness_is_separate_from_readiness():
+    running = await create_server(ServiceSettings(), [], serving=False)
+    try:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        ready = await health.Check(health_pb2.HealthCheckRequest())
+        alive = await health.Check(health_pb2.HealthCheckRequest(service="liveness"))
+        assert ready.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert alive.status == health_pb2.HealthCheckResponse.SERVING
+        await channel.close()
+    finally:
+        await running.stop(0)
+
+
 async def test_unary_domain_error_maps_to_status_with_details(probe_server):
     _, servicer, _, stub = await probe_server()
     servicer.unary_error = InvalidArgument("top_k must be 1-100", field="top_k")
