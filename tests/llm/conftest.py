@@ -1,0 +1,144 @@
+"""Fixtures for the llm service tests: the provisioned SmolLM2, tiny random models, servers."""
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before anything imports huggingface_hub: never the network, and an empty cache of our own.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="ragmesh-llm-hf-cache-")
+os.environ.pop("HF_TOKEN", None)
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ragmesh.llm.v1 import llm_pb2, llm_pb2_grpc
+from services.llm.app import start
+from services.llm.provision import provision
+from services.llm.settings import LlmSettings
+
+REPO = Path(__file__).resolve().parents[2]
+# Survives between runs (var/ is git-ignored), so the 40 s GGUF conversion happens once.
+CACHE_MODELS = REPO / "var" / "cache" / "llm-tests" / "models"
+
+
+@pytest.fixture(scope="session")
+def smollm_dir() -> Path:
+    return provision(CACHE_MODELS)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory, smollm_dir) -> Path:
+    """A models folder with two tiny random Llamas using SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = AutoTokenizer.from_pretrained(smollm_dir)
+    for name, seed, context in (("tiny", 0, 256), ("tiny-b", 1, 512)):
+        torch.manual_seed(seed)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=context,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True,
+        )
+        LlamaForCausalLM(config).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return root
+
+
+def llm_settings(models_dir: Path, data_dir: Path, **overrides) -> LlmSettings:
+    values = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "data_dir": data_dir,
+        "models_dir": models_dir,
+        "default_model": "",
+        "shutdown_grace_seconds": 0.5,
+    }
+    values.update(overrides)
+    return LlmSettings(**values)
+
+
+class Client:
+    """A started service and stubs over a real channel."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}")
+        self.llm = llm_pb2_grpc.LlmServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    async def health_status(self) -> int:
+        response = await self.health.Check(health_pb2.HealthCheckRequest(service=""))
+        return response.status
+
+    async def load(self, model: str, wait_seconds: float = 120, **options) -> llm_pb2.ModelStatus:
+        """Loads and waits for READY or FAILED through WatchModelStatus."""
+        watch = self.llm.WatchModelStatus(llm_pb2.WatchModelStatusRequest(), timeout=wait_seconds)
+        first = await watch.read()
+        await self.llm.LoadModel(
+            llm_pb2.LoadModelRequest(options=llm_pb2.LoadOptions(model=model, **options))
+        )
+        status = first.status
+        while True:
+            status = (await watch.read()).status
+            if status.state in (llm_pb2.MODEL_STATE_READY, llm_pb2.MODEL_STATE_FAILED):
+                watch.cancel()
+                return status
+
+    async def close(self) -> None:
+        await self.channel.close()
+        await self.app.server.stop(0)
+        await self.app.close()
+
+
+@pytest.fixture
+async def make_client(models_dir, tmp_path):
+    """Starts services with the given settings; stops them after the test."""
+    started = []
+
+    async def factory(**overrides) -> Client:
+        settings = llm_settings(models_dir, tmp_path / f"data{len(started)}", **overrides)
+        client = Client(await start(settings))
+        started.append(client)
+        return client
+
+    yield factory
+    for client in started:
+        await client.close()
+
+
+@pytest.fixture(scope="session")
+async def tiny(models_dir, tmp_path_factory):
+    """One service with the tiny model READY, shared by tests that do not change the model."""
+    data = tmp_path_factory.mktemp("tiny-data")
+    client = Client(await start(llm_settings(models_dir, data, max_batch_size=4, max_queue=4)))
+    status = await client.load("tiny")
+    assert status.state == llm_pb2.MODEL_STATE_READY, status.error
+    yield client
+    await client.close()
+
+
+def gen_overrides(**values) -> llm_pb2.GenerationOverrides:
+    return llm_pb2.GenerationOverrides(**values)
+
+
+async def collect(call):
+    """Deltas and the completion of a Generate or Chat stream."""
+    deltas, completion = [], None
+    while (response := await call.read()) is not grpc.aio.EOF:
+        if response.WhichOneof("event") == "delta":
+            deltas.append(response.delta)
+        else:
+            completion = response.completion
+    return deltas, completion

@@ -1,0 +1,154 @@
+"""Domain modules without a server: decoding, settings store, catalogue, the batching engine."""
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from services.common.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from services.llm import catalogue
+from services.llm.decoding import IncrementalDecoder
+from services.llm.engine import Delta, FinishReason, Job, Result
+from services.llm.genconfig import GenerationConfigStore, GenerationParams, apply_overrides
+from services.llm.loading import LoadOptions, load_transformers
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm_dir):
+    return AutoTokenizer.from_pretrained(smollm_dir)
+
+
+def test_deltas_are_whole_characters_even_when_tokens_split_them(tokenizer):
+    text = "héllo 🌍 wörld, 日本語のテキスト ✓"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    decoder = IncrementalDecoder(tokenizer)
+    deltas = [decoder.add(i) for i in ids]
+    deltas.append(decoder.flush())
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas)
+    # Byte-level BPE splits these characters over several tokens: text was held back.
+    assert len(ids) > len([d for d in deltas if d])
+
+
+def test_stop_sequences_are_cut_and_held_back(tokenizer):
+    ids = tokenizer.encode("The answer is 42. END of story", add_special_tokens=False)
+    decoder = IncrementalDecoder(tokenizer, stop_sequences=("END",))
+    sent = ""
+    for token in ids:
+        sent += decoder.add(token)
+        assert "END" not in sent
+        if decoder.stopped:
+            break
+    assert decoder.stopped
+    assert sent + decoder.flush() == "The answer is 42. "
+
+
+def test_the_store_applies_all_or_nothing_and_persists(tmp_path):
+    path = tmp_path / "config.json"
+    store = GenerationConfigStore(path)
+    assert store.get() == GenerationParams()
+    applied = store.update({"temperature": 0.0, "stop_sequences": ("\n\n",)}, 8192)
+    assert (applied.temperature, applied.revision) == (0.0, 1)
+    with pytest.raises(InvalidArgument) as caught:
+        store.update({"top_k": -1, "max_new_tokens": 9000}, 8192)
+    assert {f for f, _ in caught.value.field_violations} == {
+        "config.top_k",
+        "config.max_new_tokens",
+    }
+    assert store.get() == applied
+    assert GenerationConfigStore(path).get() == applied
+
+
+def test_overrides_are_validated_and_leave_the_base_alone():
+    base = GenerationParams()
+    params = apply_overrides(base, {"temperature": 0.0, "seed": 1}, 1024)
+    assert params.greedy and params.seed == 1
+    assert base.temperature == 0.7
+    with pytest.raises(InvalidArgument):
+        apply_overrides(base, {"repetition_penalty": 0.5}, 1024)
+
+
+def _hf_cache_entry(cache: Path) -> None:
+    snapshot = cache / "models--acme--small" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text('{"architectures": ["MistralForCausalLM"]}')
+    (snapshot / "model.safetensors").write_bytes(b"\0" * 16)
+    (cache / "models--acme--small" / "refs").mkdir()
+    (cache / "models--acme--small" / "refs" / "main").write_text("abc123")
+
+
+def test_the_catalogue_lists_local_folders_gguf_files_cache_and_package(models_dir, tmp_path):
+    cache = Path(os.environ["HF_HUB_CACHE"])
+    if not (cache / "models--acme--small").exists():
+        _hf_cache_entry(cache)
+    (models_dir / "nested").mkdir(exist_ok=True)
+    (models_dir / "nested" / "small.gguf").write_bytes(b"GGUF" + b"\0" * 60)
+    entries = {e.id: e for e in catalogue.list_models(models_dir)}
+    assert entries["tiny"].format == "safetensors"
+    assert entries["tiny"].architecture == "LlamaForCausalLM"
+    assert entries["tiny"].size_bytes > 0
+    assert entries["nested/small.gguf"].format == "gguf"
+    assert entries["acme/small"].source == "hf_cache"
+    assert entries["acme/small"].revision == "abc123"
+    assert entries["acme/small"].architecture == "MistralForCausalLM"
+    assert entries[catalogue.PACKAGE_ID].source == "package"
+    assert catalogue.list_models(tmp_path / "missing")  # the package is still there
+
+
+def test_resolution_stays_inside_the_model_roots(models_dir, tmp_path):
+    roots = [models_dir.resolve()]
+    assert catalogue.resolve("tiny", "", models_dir, roots).path == (models_dir / "tiny").resolve()
+    assert catalogue.resolve("acme/other", "", models_dir, roots).hub_id == "acme/other"
+    gguf = catalogue.resolve("nested/small.gguf", "", models_dir, roots)
+    assert gguf.gguf_file == "small.gguf"
+    (models_dir / "escape").symlink_to(tmp_path)
+    try:
+        for outside in ("../", "/etc", "escape", "tiny/../../x"):
+            with pytest.raises(PermissionDenied):
+                catalogue.resolve(outside, "", models_dir, roots)
+    finally:
+        (models_dir / "escape").unlink()
+    with pytest.raises(PermissionDenied):
+        catalogue.resolve("tiny", "../../etc/passwd", models_dir, roots)
+    with pytest.raises(NotFound):
+        catalogue.resolve("./absent", "", models_dir, roots)
+
+
+@pytest.fixture(scope="module")
+async def engine(models_dir):
+    resolved = catalogue.resolve("tiny", "", models_dir, [models_dir.resolve()])
+    loaded = await asyncio.to_thread(
+        load_transformers,
+        resolved,
+        LoadOptions(model="tiny"),
+        "cpu",
+        max_batch=1,
+        max_queue=1,
+        max_context=0,
+    )
+    yield loaded
+    await loaded.close()
+
+
+async def _drain(stream):
+    return [event async for event in stream]
+
+
+async def test_a_full_queue_answers_resource_exhausted(engine):
+    params = GenerationParams(temperature=1.0, top_k=0, max_new_tokens=200)
+    ids = engine.encode("Once upon a time")
+    running = engine.stream(Job("a", params, prompt_ids=ids))
+    first = await anext(running)
+    assert isinstance(first, Delta | Result)
+    waiting = asyncio.create_task(_drain(engine.stream(Job("b", params, prompt_ids=ids))))
+    # Let the task run up to its first await: "b" is then queued behind "a".
+    for _ in range(3):
+        await asyncio.sleep(0)
+    with pytest.raises(ResourceExhausted):
+        await _drain(engine.stream(Job("c", params, prompt_ids=ids)))
+    assert engine.cancel("a") and engine.cancel("b")
+    events = [first, *[e async for e in running]]
+    assert events[-1].finish_reason is FinishReason.CANCELLED
+    assert (await waiting)[-1].finish_reason is FinishReason.CANCELLED

@@ -1,0 +1,404 @@
+"""The llm service over real gRPC with a tiny random model: lifecycle, settings, generation."""
+
+import asyncio
+
+import grpc
+import pytest
+import torch
+from conftest import collect, gen_overrides
+from grpc_health.v1 import health_pb2
+from grpc_status import rpc_status
+
+from ragmesh.llm.v1 import llm_pb2
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+GREEDY = {"temperature": 0.0}
+
+
+def details(error: grpc.aio.AioRpcError):
+    """(reason, field violations) from the google.rpc.Status of an error."""
+    from google.rpc import error_details_pb2
+
+    status = rpc_status.from_call(error)
+    reason, fields = "", []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields = [v.field for v in bad.field_violations]
+    return reason, fields
+
+
+async def test_a_fresh_service_reports_not_loaded_and_refuses_generation(make_client):
+    client = await make_client()
+    assert await client.health_status() == NOT_SERVING
+    status = (await client.llm.GetModelStatus(llm_pb2.GetModelStatusRequest())).status
+    assert status.state == llm_pb2.MODEL_STATE_NOT_LOADED
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(client.llm.Generate(llm_pb2.GenerateRequest(prompt="hi")))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "NOT_LOADED" in caught.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await client.llm.CountTokens(llm_pb2.CountTokensRequest(prompt="hi"))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await client.llm.UnloadModel(llm_pb2.UnloadModelRequest())
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_load_watch_swap_failure_and_unload(make_client):
+    client = await make_client()
+    watch = client.llm.WatchModelStatus(llm_pb2.WatchModelStatusRequest())
+    assert (await watch.read()).status.state == llm_pb2.MODEL_STATE_NOT_LOADED
+    answer = await client.llm.LoadModel(
+        llm_pb2.LoadModelRequest(options=llm_pb2.LoadOptions(model="tiny"))
+    )
+    assert answer.status.state == llm_pb2.MODEL_STATE_LOADING
+    assert (await watch.read()).status.state == llm_pb2.MODEL_STATE_LOADING
+    ready = (await watch.read()).status
+    assert ready.state == llm_pb2.MODEL_STATE_READY
+    assert ready.serving_model == "tiny"
+    assert ready.context_length == 256
+    assert ready.parameter_count > 0 and ready.memory_bytes > 0
+    assert ready.device == "cpu"
+    assert ready.load_duration.ToNanoseconds() > 0
+    assert await client.health_status() == SERVING
+
+    # A failed load reports why and leaves the old model serving.
+    (client.app.server.settings.resolved_models_dir / "broken").mkdir()
+    (client.app.server.settings.resolved_models_dir / "broken" / "config.json").write_text("{")
+    failed = await client.load("broken")
+    assert failed.state == llm_pb2.MODEL_STATE_FAILED
+    assert failed.error
+    assert failed.serving_model == "tiny"
+    _, completion = await collect(
+        client.llm.Generate(
+            llm_pb2.GenerateRequest(prompt="Hello", overrides=gen_overrides(max_new_tokens=3))
+        )
+    )
+    assert completion.model == "tiny"
+
+    # A swap: the new model takes over once READY, health never drops.
+    swapped = await client.load("tiny-b")
+    assert swapped.state == llm_pb2.MODEL_STATE_READY
+    assert swapped.serving_model == "tiny-b"
+    assert swapped.context_length == 512
+    assert await client.health_status() == SERVING
+    _, completion = await collect(
+        client.llm.Generate(
+            llm_pb2.GenerateRequest(prompt="Hello", overrides=gen_overrides(max_new_tokens=3))
+        )
+    )
+    assert completion.model == "tiny-b"
+    listed = (await client.llm.ListModels(llm_pb2.ListModelsRequest())).models
+    assert [m.id for m in listed if m.loaded] == ["tiny-b"]
+
+    unloaded = await client.llm.UnloadModel(llm_pb2.UnloadModelRequest())
+    assert unloaded.status.state == llm_pb2.MODEL_STATE_NOT_LOADED
+    assert await client.health_status() == NOT_SERVING
+    states = []
+    while len(states) < 8:
+        state = (await watch.read()).status.state
+        states.append(state)
+        if state == llm_pb2.MODEL_STATE_NOT_LOADED:
+            break
+    watch.cancel()
+    assert states[-2:] == [llm_pb2.MODEL_STATE_UNLOADING, llm_pb2.MODEL_STATE_NOT_LOADED]
+    assert llm_pb2.MODEL_STATE_FAILED in states
+
+
+@pytest.mark.parametrize(
+    ("options", "code", "reason"),
+    [
+        ({"model": ""}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        ({"model": "../../etc"}, grpc.StatusCode.PERMISSION_DENIED, "PATH_OUTSIDE_MODEL_ROOTS"),
+        ({"model": "/etc"}, grpc.StatusCode.PERMISSION_DENIED, "PATH_OUTSIDE_MODEL_ROOTS"),
+        ({"model": "no-such-model"}, grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND"),
+        ({"model": "tiny", "device": "tpu"}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        ({"model": "tiny", "dtype": "int3"}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        (
+            {"model": "tiny", "quantization": llm_pb2.QUANTIZATION_NF4},
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "QUANTIZATION_NEEDS_CUDA",
+        ),
+        (
+            {"model": "tiny", "quantization": llm_pb2.QUANTIZATION_INT8},
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "QUANTIZATION_NEEDS_CUDA",
+        ),
+        (
+            {"model": "tiny", "backend": llm_pb2.BACKEND_OPENAI_COMPATIBLE},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+        ),
+    ],
+)
+async def test_bad_load_options_get_a_precise_status(tiny, options, code, reason):
+    if "quantization" in options and torch.cuda.is_available():
+        pytest.skip("this node has CUDA; quantization is allowed here")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await tiny.llm.LoadModel(llm_pb2.LoadModelRequest(options=llm_pb2.LoadOptions(**options)))
+    assert caught.value.code() == code
+    assert details(caught.value)[0] == reason
+    status = (await tiny.llm.GetModelStatus(llm_pb2.GetModelStatusRequest())).status
+    assert status.state == llm_pb2.MODEL_STATE_READY and status.serving_model == "tiny"
+
+
+async def test_cuda_device_without_cuda_is_failed_precondition(tiny):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await tiny.llm.LoadModel(
+            llm_pb2.LoadModelRequest(options=llm_pb2.LoadOptions(model="tiny", device="cuda:0"))
+        )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_a_hub_id_offline_fails_the_load_with_a_reason(make_client):
+    client = await make_client()
+    status = await client.load("someone/not-cached-model", wait_seconds=60)
+    assert status.state == llm_pb2.MODEL_STATE_FAILED
+    assert status.error
+    assert await client.health_status() == NOT_SERVING
+
+
+async def test_generation_config_update_confirms_and_rejects_bad_values(make_client):
+    client = await make_client()
+    llm = client.llm
+    config = (await llm.GetGenerationConfig(llm_pb2.GetGenerationConfigRequest())).config
+    assert config.revision == 0 and config.max_new_tokens == 256
+
+    applied = (
+        await llm.UpdateGenerationConfig(
+            llm_pb2.UpdateGenerationConfigRequest(
+                config=llm_pb2.GenerationConfig(temperature=0.0, max_new_tokens=32, seed=7),
+                update_mask={"paths": ["temperature", "max_new_tokens", "seed"]},
+            )
+        )
+    ).config
+    assert (applied.temperature, applied.max_new_tokens, applied.seed) == (0.0, 32, 7)
+    assert applied.revision == 1
+    assert applied.top_p == config.top_p
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await llm.UpdateGenerationConfig(
+            llm_pb2.UpdateGenerationConfigRequest(
+                config=llm_pb2.GenerationConfig(
+                    temperature=3.0, top_p=0.0, stop_sequences=["x" * 65]
+                ),
+                update_mask={"paths": ["temperature", "top_p", "stop_sequences", "top_k"]},
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    _, fields = details(caught.value)
+    assert set(fields) == {"config.temperature", "config.top_p", "config.stop_sequences[0]"}
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await llm.UpdateGenerationConfig(
+            llm_pb2.UpdateGenerationConfigRequest(update_mask={"paths": ["colour"]})
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    unchanged = (await llm.GetGenerationConfig(llm_pb2.GetGenerationConfigRequest())).config
+    assert unchanged == applied
+
+    # Without a mask, the set fields apply.
+    applied = (
+        await llm.UpdateGenerationConfig(
+            llm_pb2.UpdateGenerationConfigRequest(
+                config=llm_pb2.GenerationConfig(top_k=5, stop_sequences=["END"])
+            )
+        )
+    ).config
+    assert (applied.top_k, list(applied.stop_sequences), applied.revision) == (5, ["END"], 2)
+    assert applied.max_new_tokens == 32
+
+
+async def test_generate_streams_deltas_then_a_completion(tiny):
+    call = tiny.llm.Generate(
+        llm_pb2.GenerateRequest(
+            prompt="Once upon a time", overrides=gen_overrides(max_new_tokens=12, **GREEDY)
+        )
+    )
+    deltas, completion = await collect(call)
+    assert completion is not None
+    assert "".join(deltas) == completion.text
+    assert completion.finish_reason in (llm_pb2.FINISH_REASON_LENGTH, llm_pb2.FINISH_REASON_EOS)
+    assert completion.usage.prompt_tokens == 4
+    assert 0 < completion.usage.completion_tokens <= 12
+    assert completion.timings.total.ToNanoseconds() >= (
+        completion.timings.time_to_first_token.ToNanoseconds()
+    )
+    assert completion.timings.tokens_per_second > 0
+    assert "\ufffd" not in completion.text
+
+    _, repeat = await collect(
+        tiny.llm.Generate(
+            llm_pb2.GenerateRequest(
+                prompt="Once upon a time", overrides=gen_overrides(max_new_tokens=12, **GREEDY)
+            )
+        )
+    )
+    assert repeat.text == completion.text
+
+
+async def test_seeded_sampling_is_reproducible_and_overrides_leave_the_config(tiny):
+    before = (await tiny.llm.GetGenerationConfig(llm_pb2.GetGenerationConfigRequest())).config
+    overrides = gen_overrides(max_new_tokens=16, temperature=1.5, top_k=0, top_p=1.0, seed=42)
+    runs = [
+        await collect(tiny.llm.Generate(llm_pb2.GenerateRequest(prompt="a", overrides=overrides)))
+        for _ in range(2)
+    ]
+    assert runs[0][1].text == runs[1][1].text
+    after = (await tiny.llm.GetGenerationConfig(llm_pb2.GetGenerationConfigRequest())).config
+    assert after == before
+
+
+async def test_stop_sequences_end_generation_and_never_reach_the_caller(tiny):
+    _, free = await collect(
+        tiny.llm.Generate(
+            llm_pb2.GenerateRequest(
+                prompt="Once upon a time", overrides=gen_overrides(max_new_tokens=24, **GREEDY)
+            )
+        )
+    )
+    stop = free.text.strip()[3:6]
+    assert stop
+    deltas, completion = await collect(
+        tiny.llm.Generate(
+            llm_pb2.GenerateRequest(
+                prompt="Once upon a time",
+                overrides=gen_overrides(max_new_tokens=24, stop_sequences=[stop], **GREEDY),
+            )
+        )
+    )
+    assert completion.finish_reason == llm_pb2.FINISH_REASON_STOP
+    assert stop not in "".join(deltas)
+    assert free.text.startswith(completion.text)
+    assert completion.text == free.text[: free.text.find(stop)]
+
+
+async def test_bad_generation_requests(tiny):
+    cases = [
+        (llm_pb2.GenerateRequest(prompt=""), "prompt"),
+        (
+            llm_pb2.GenerateRequest(prompt="x", overrides=gen_overrides(temperature=-1)),
+            "overrides.temperature",
+        ),
+        (
+            llm_pb2.GenerateRequest(prompt="x", overrides=gen_overrides(max_new_tokens=0)),
+            "overrides.max_new_tokens",
+        ),
+        (
+            llm_pb2.GenerateRequest(
+                prompt="word " * 300, overrides=gen_overrides(max_new_tokens=8)
+            ),
+            "prompt",
+        ),
+    ]
+    for request, field in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await collect(tiny.llm.Generate(request))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert field in details(caught.value)[1]
+
+
+async def test_count_tokens_for_prompts_and_chats(tiny):
+    counted = await tiny.llm.CountTokens(llm_pb2.CountTokensRequest(prompt="Once upon a time"))
+    assert (counted.token_count, counted.context_length) == (4, 256)
+    messages = llm_pb2.ChatMessages(
+        messages=[llm_pb2.ChatMessage(role=llm_pb2.ROLE_USER, content="Once upon a time")]
+    )
+    chat = await tiny.llm.CountTokens(llm_pb2.CountTokensRequest(messages=messages))
+    assert chat.token_count > counted.token_count  # the chat template adds its markers
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await tiny.llm.CountTokens(llm_pb2.CountTokensRequest())
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _user(text):
+    return llm_pb2.ChatMessage(role=llm_pb2.ROLE_USER, content=text)
+
+
+def _assistant(text):
+    return llm_pb2.ChatMessage(role=llm_pb2.ROLE_ASSISTANT, content=text)
+
+
+async def test_chat_drops_oldest_messages_to_fit_and_refuses_what_cannot(tiny):
+    long = "lorem ipsum " * 30
+    request = llm_pb2.ChatRequest(
+        system_prompt="Be brief.",
+        messages=[_user(long), _assistant(long), _user(long), _assistant("ok"), _user("Hi?")],
+        overrides=gen_overrides(max_new_tokens=64, **GREEDY),
+    )
+    deltas, completion = await collect(tiny.llm.Chat(request))
+    assert completion.dropped_messages >= 2
+    assert completion.usage.prompt_tokens + 64 <= 256
+    assert "".join(deltas) == completion.text
+
+    request = llm_pb2.ChatRequest(
+        messages=[_user("word " * 400)], overrides=gen_overrides(max_new_tokens=8)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(tiny.llm.Chat(request))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details(caught.value)[0] == "CONTEXT_WINDOW_EXCEEDED"
+
+    for bad in (
+        llm_pb2.ChatRequest(),
+        llm_pb2.ChatRequest(messages=[llm_pb2.ChatMessage(content="no role")]),
+        llm_pb2.ChatRequest(messages=[_assistant("only me")]),
+        llm_pb2.ChatRequest(messages=[_user("hi")], context=[llm_pb2.ContextPassage(id="x")]),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await collect(tiny.llm.Chat(bad))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_cancel_rpc_stops_generation(tiny):
+    call = tiny.llm.Generate(
+        llm_pb2.GenerateRequest(
+            prompt="Once",
+            request_id="to-cancel",
+            overrides=gen_overrides(max_new_tokens=200, temperature=1.0, top_k=0, top_p=1.0),
+        )
+    )
+    first = await call.read()
+    assert first.request_id == "to-cancel"
+    await tiny.llm.Cancel(llm_pb2.CancelRequest(request_id="to-cancel"))
+    _, completion = await collect(call)
+    assert completion.finish_reason == llm_pb2.FINISH_REASON_CANCELLED
+    assert completion.usage.completion_tokens < 200
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await tiny.llm.Cancel(llm_pb2.CancelRequest(request_id="to-cancel"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_concurrent_streams_each_get_their_own_answer(tiny):
+    prompts = ["Once upon a time", "The weather", "In a galaxy far away there was", "Hi"]
+    alone = []
+    for prompt in prompts:
+        _, completion = await collect(
+            tiny.llm.Generate(
+                llm_pb2.GenerateRequest(
+                    prompt=prompt, overrides=gen_overrides(max_new_tokens=10, **GREEDY)
+                )
+            )
+        )
+        alone.append(completion.text)
+    together = await asyncio.gather(
+        *(
+            collect(
+                tiny.llm.Generate(
+                    llm_pb2.GenerateRequest(
+                        prompt=prompt, overrides=gen_overrides(max_new_tokens=10, **GREEDY)
+                    )
+                )
+            )
+            for prompt in prompts * 2
+        )
+    )
+    # Eight streams on a batch of four with a queue of four: all served, same answers.
+    assert [c.text for _, c in together] == alone * 2
