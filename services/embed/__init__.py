@@ -1,0 +1,1 @@
+"""The embed service: one sentence-transformers model behind a micro-batching gRPC API."""

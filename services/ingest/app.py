@@ -1,0 +1,84 @@
+"""Starts the ingest service: database and migrations, blobs, Qdrant, workers, server."""
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ragmesh.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from services.common.server import RunningServer, ServiceSpec, create_server
+from services.ingest import storage
+from services.ingest.blobs import BlobStore
+from services.ingest.documents import Documents, JobSignals
+from services.ingest.embed_client import EmbedClient
+from services.ingest.index import VectorIndex
+from services.ingest.servicer import IngestServicer
+from services.ingest.settings import IngestSettings
+from services.ingest.worker import WorkerPool
+
+_LOGGER = logging.getLogger(__name__)
+
+SERVICE_NAME = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
+
+
+@dataclass
+class IngestApp:
+    server: RunningServer
+    documents: Documents
+    workers: WorkerPool
+    index: VectorIndex
+    embed: EmbedClient
+    engine: AsyncEngine
+
+    async def close(self) -> None:
+        await self.workers.close()
+        await self.embed.close()
+        await self.index.close()
+        await self.engine.dispose()
+
+
+async def start(settings: IngestSettings) -> IngestApp:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = storage.create_engine(settings.resolved_database_url)
+    try:
+        await storage.migrate(engine)
+    except Exception as exc:
+        await engine.dispose()
+        raise ValueError(f"cannot prepare the database: {exc}") from exc
+    sessions = storage.sessionmaker(engine)
+    blobs = BlobStore(settings.resolved_blob_dir)
+    blobs.open()
+    try:
+        index = VectorIndex(
+            url=settings.qdrant_url,
+            api_key=settings.qdrant_api_key,
+            path=settings.resolved_qdrant_path,
+        )
+    except RuntimeError as exc:
+        # Local mode locks its folder: a second process on the same path lands here.
+        await engine.dispose()
+        raise ValueError(f"cannot open Qdrant: {exc}") from exc
+    embed = EmbedClient(
+        settings.embed_target,
+        timeout=settings.embed_timeout_seconds,
+        api_key=settings.embed_api_key,
+    )
+    signals = JobSignals()
+    documents = Documents(
+        sessions,
+        blobs,
+        index,
+        signals,
+        max_upload_bytes=settings.max_upload_bytes,
+        watch_poll_seconds=settings.job_poll_seconds,
+    )
+    workers = WorkerPool(settings, sessions, documents, blobs, index, embed, signals)
+    servicer = IngestServicer(documents)
+    running = await create_server(
+        settings,
+        [ServiceSpec(SERVICE_NAME, servicer, ingest_pb2_grpc.add_IngestServiceServicer_to_server)],
+        serving=False,
+    )
+    workers.start()
+    await running.set_serving(True)
+    return IngestApp(running, documents, workers, index, embed, engine)

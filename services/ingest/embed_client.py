@@ -1,0 +1,68 @@
+"""The ingest side of the embed service: model facts, tokenization and embeddings."""
+
+from dataclasses import dataclass
+
+import grpc
+
+from ragmesh.embed.v1 import embed_pb2, embed_pb2_grpc
+from services.common.clients import Upstream
+
+
+@dataclass(frozen=True)
+class EmbedModel:
+    name: str
+    dimension: int
+    max_tokens: int
+    max_texts: int
+    max_chars: int
+
+
+class EmbedClient:
+    def __init__(self, target: str, *, timeout: float, api_key: str = "") -> None:
+        self._upstream = Upstream(
+            "embed", target, embed_pb2_grpc.EmbedServiceStub, default_timeout=timeout
+        )
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+        self._model: EmbedModel | None = None
+
+    async def close(self) -> None:
+        await self._upstream.close()
+
+    async def model(self) -> EmbedModel:
+        """The model's facts, asked once: a different model needs a restart of ingest too."""
+        if self._model is None:
+            try:
+                info = await self._upstream.stub.GetModelInfo(
+                    embed_pb2.GetModelInfoRequest(), metadata=self._metadata
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise self._upstream.error(exc) from exc
+            self._model = EmbedModel(
+                info.model,
+                info.dimension,
+                info.max_tokens,
+                info.max_texts_per_request,
+                info.max_chars_per_text,
+            )
+        return self._model
+
+    async def tokenize(self, texts: list[str]) -> list[list[tuple[int, int]]]:
+        try:
+            reply = await self._upstream.stub.Tokenize(
+                embed_pb2.TokenizeRequest(texts=texts), metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise self._upstream.error(exc) from exc
+        return [list(zip(t.token_starts, t.token_ends, strict=True)) for t in reply.texts]
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        try:
+            reply = await self._upstream.stub.Embed(
+                embed_pb2.EmbedRequest(
+                    texts=texts, kind=embed_pb2.EMBED_KIND_DOCUMENT, normalize=True
+                ),
+                metadata=self._metadata,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise self._upstream.error(exc) from exc
+        return [list(embedding.values) for embedding in reply.embeddings]

@@ -1,0 +1,414 @@
+"""Recognises uploaded files by their bytes and turns them into text blocks with structure."""
+
+import codecs
+import logging
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import charset_normalizer
+
+_LOGGER = logging.getLogger(__name__)
+
+PDF = "application/pdf"
+DOCX = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
+HTML = "text/html"
+MARKDOWN = "text/markdown"
+TEXT = "text/plain"
+SUPPORTED = (PDF, DOCX, HTML, MARKDOWN, TEXT)
+
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+_HTML_START = re.compile(rb"^\s*(<!doctype\s+html|<html|<head|<body|<!--)", re.IGNORECASE)
+_MARKDOWN_NAMES = (".md", ".markdown", ".mdown", ".mkd")
+_HTML_NAMES = (".html", ".htm", ".xhtml")
+# Word never writes a DTD; one in a DOCX part is an entity-expansion attack.
+_DTD_MARKERS = (b"<!DOCTYPE", b"<!ENTITY")
+_DOCX_PROLOG_BYTES = 64 * 1024
+
+
+class ParseError(Exception):
+    """The file cannot be turned into text; the message tells a person why."""
+
+
+@dataclass
+class Block:
+    """A paragraph, heading, table or list item, in reading order."""
+
+    text: str
+    page: int = 0
+    # Heading level 1-6 when the block is a heading, else 0.
+    level: int = 0
+
+
+@dataclass
+class Span:
+    start: int
+    end: int
+    page: int
+    level: int
+    # The heading path that applies to this block, for example "Setup > Install".
+    heading: str
+
+
+@dataclass
+class ParsedDocument:
+    text: str
+    page_count: int = 0
+    spans: list[Span] = field(default_factory=list)
+
+
+def sniff(head: bytes, path: Path, filename: str, hint: str) -> str | None:
+    """The MIME type of an upload from its first bytes; the name and hint only break ties."""
+    name = filename.lower()
+    if head.startswith(b"%PDF-") or b"%PDF-" in head[:1024]:
+        return PDF
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = set(archive.namelist())
+        except (zipfile.BadZipFile, OSError):
+            # A truncated DOCX is still a DOCX; parsing says what is wrong with it.
+            return DOCX if name.endswith(".docx") or hint == DOCX else None
+        return DOCX if "word/document.xml" in names else None
+    if not _looks_like_text(head):
+        return None
+    stripped = _strip_bom(head)
+    if _HTML_START.match(stripped) or (
+        (hint == HTML or name.endswith(_HTML_NAMES)) and stripped.lstrip().startswith(b"<")
+    ):
+        return HTML
+    if hint == MARKDOWN or name.endswith(_MARKDOWN_NAMES):
+        return MARKDOWN
+    return TEXT
+
+
+def _strip_bom(head: bytes) -> bytes:
+    for bom, encoding in _BOMS:
+        if head.startswith(bom):
+            try:
+                return codecs.getincrementaldecoder(encoding)().decode(head).encode()
+            except UnicodeDecodeError:
+                return head[len(bom) :]
+    return head
+
+
+def _looks_like_text(head: bytes) -> bool:
+    if any(head.startswith(bom) for bom, _ in _BOMS):
+        return True
+    if b"\x00" in head:
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        return True
+    except UnicodeDecodeError:
+        return charset_normalizer.from_bytes(head).best() is not None
+
+
+def decode_text(data: bytes) -> str:
+    """Text in its own encoding: a BOM first, then UTF-8, then a detected one."""
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            return data.decode(encoding, errors="replace")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        matches = charset_normalizer.from_bytes(data)
+        best = matches.best()
+        if best is None:
+            return data.decode("utf-8", errors="replace")
+        # Detection cannot tell Western cp1252 from its Central European and Baltic cousins
+        # on accented Latin text; cp1252 is by far the likeliest legacy upload, so it wins
+        # when it reads about as cleanly.
+        for match in matches:
+            if match.encoding == "cp1252" and match.chaos <= best.chaos + 0.05:
+                return str(match)
+        return str(best)
+
+
+def parse(path: Path, mime_type: str, *, max_docx_bytes: int, max_chars: int) -> ParsedDocument:
+    """Parses a stored upload; blocking, so callers run it in a thread. Raises ParseError."""
+    try:
+        if mime_type == PDF:
+            blocks, pages = _parse_pdf(path)
+        elif mime_type == DOCX:
+            blocks, pages = _parse_docx(path, max_docx_bytes), 0
+        elif mime_type == HTML:
+            blocks, pages = _parse_html(path.read_bytes()), 0
+        elif mime_type == MARKDOWN:
+            blocks, pages = _parse_markdown(decode_text(path.read_bytes())), 0
+        elif mime_type == TEXT:
+            blocks, pages = _paragraphs(decode_text(path.read_bytes())), 0
+        else:
+            raise ParseError(f"unsupported type {mime_type}")
+    except ParseError:
+        raise
+    except RecursionError as exc:
+        raise ParseError("the file is nested too deeply to parse") from exc
+    except Exception as exc:
+        # Parsers of hostile files fail in many ways; the person needs the kind, not a trace.
+        _LOGGER.info("parsing %s as %s failed", path.name, mime_type, exc_info=True)
+        raise ParseError(f"the file could not be read as {mime_type}: {exc}") from exc
+    document = assemble(blocks, pages)
+    if not document.text.strip():
+        raise ParseError(_no_text_reason(mime_type))
+    if len(document.text) > max_chars:
+        raise ParseError(
+            f"the parsed text has {len(document.text)} characters, over the limit of {max_chars}"
+        )
+    return document
+
+
+def _no_text_reason(mime_type: str) -> str:
+    if mime_type == PDF:
+        return "no text found in the PDF (a scan without a text layer? run OCR first)"
+    return "no text found in the file"
+
+
+def assemble(blocks: list[Block], page_count: int) -> ParsedDocument:
+    """Joins blocks with blank lines, remembering each block's offsets and heading path."""
+    parts: list[str] = []
+    spans: list[Span] = []
+    headings: list[tuple[int, str]] = []
+    offset = 0
+    for block in blocks:
+        text = block.text.strip()
+        if not text:
+            continue
+        if block.level:
+            while headings and headings[-1][0] >= block.level:
+                headings.pop()
+            headings.append((block.level, " ".join(text.split())))
+        if parts:
+            parts.append("\n\n")
+            offset += 2
+        parts.append(text)
+        path = " > ".join(title for _, title in headings)
+        spans.append(Span(offset, offset + len(text), block.page, block.level, path))
+        offset += len(text)
+    return ParsedDocument("".join(parts), page_count, spans)
+
+
+def _paragraphs(text: str, page: int = 0) -> list[Block]:
+    return [Block(part, page) for part in re.split(r"\n\s*\n", text) if part.strip()]
+
+
+# PDF
+
+
+def _parse_pdf(path: Path) -> tuple[list[Block], int]:
+    from pypdf import PasswordType, PdfReader
+    from pypdf.errors import DependencyError, FileNotDecryptedError, PdfReadError
+
+    try:
+        reader = PdfReader(path, strict=False)
+        if reader.is_encrypted:
+            try:
+                opened = reader.decrypt("")
+            except (DependencyError, NotImplementedError) as exc:
+                raise ParseError(f"the PDF uses unsupported encryption: {exc}") from exc
+            if opened == PasswordType.NOT_DECRYPTED:
+                raise ParseError(
+                    "the PDF is password-protected: password required; "
+                    "upload a copy without a password"
+                )
+        blocks: list[Block] = []
+        pages = reader.pages
+        for number, page in enumerate(pages, start=1):
+            blocks.extend(_paragraphs(page.extract_text() or "", number))
+        return blocks, len(pages)
+    except FileNotDecryptedError as exc:
+        raise ParseError("the PDF is password-protected: password required") from exc
+    except PdfReadError as exc:
+        raise ParseError(f"not a readable PDF (corrupt or truncated): {exc}") from exc
+
+
+# DOCX
+
+
+def check_docx(path: Path, max_bytes: int) -> None:
+    """Refuses archives that expand past the cap or carry DTDs, before python-docx sees them."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ParseError("not a valid DOCX file: it is not a readable zip archive") from exc
+    with archive:
+        infos = archive.infolist()
+        expanded = sum(info.file_size for info in infos)
+        if expanded > max_bytes:
+            raise ParseError(
+                f"the DOCX expands to {expanded} bytes, over the limit of {max_bytes} (a zip bomb?)"
+            )
+        if "word/document.xml" not in {info.filename for info in infos}:
+            raise ParseError("not a valid DOCX file: word/document.xml is missing")
+        for info in infos:
+            if info.filename.endswith((".xml", ".rels")):
+                with archive.open(info) as part:
+                    prolog = part.read(_DOCX_PROLOG_BYTES)
+                if any(marker in prolog for marker in _DTD_MARKERS):
+                    raise ParseError(
+                        f"the DOCX part {info.filename} declares a DTD or entities, which Word "
+                        "never writes (an entity-expansion attack?)"
+                    )
+
+
+def _parse_docx(path: Path, max_bytes: int) -> list[Block]:
+    import docx
+    from docx.table import Table
+
+    check_docx(path, max_bytes)
+    try:
+        document = docx.Document(str(path))
+    except (KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise ParseError(f"not a valid DOCX file: {exc}") from exc
+    blocks: list[Block] = []
+    seen_parts: set[int] = set()
+    for section in document.sections:
+        for part in (section.header, section.first_page_header):
+            blocks.extend(_docx_part_blocks(part, seen_parts))
+    for item in document.iter_inner_content():
+        if isinstance(item, Table):
+            blocks.append(Block(_docx_table_text(item)))
+            continue
+        blocks.append(Block(item.text, level=_docx_heading_level(item)))
+    for section in document.sections:
+        for part in (section.footer, section.first_page_footer):
+            blocks.extend(_docx_part_blocks(part, seen_parts))
+    return blocks
+
+
+def _docx_part_blocks(part, seen: set[int]) -> list[Block]:
+    """A header's or footer's text once, however many sections link to it."""
+    if part.is_linked_to_previous:
+        return []
+    key = id(part.part)
+    if key in seen:
+        return []
+    seen.add(key)
+    return [Block(paragraph.text) for paragraph in part.paragraphs]
+
+
+def _docx_heading_level(paragraph) -> int:
+    name = (paragraph.style.name if paragraph.style is not None else "") or ""
+    if name == "Title":
+        return 1
+    match = re.fullmatch(r"Heading (\d)", name)
+    return min(int(match.group(1)), 6) if match else 0
+
+
+def _docx_table_text(table) -> str:
+    rows = []
+    for row in table.rows:
+        cells: list[str] = []
+        for cell in row.cells:
+            text = " ".join(cell.text.split())
+            # Merged cells repeat in python-docx; keep each once.
+            if not cells or cells[-1] != text:
+                cells.append(text)
+        rows.append(" | ".join(cells))
+    return "\n".join(rows)
+
+
+# HTML
+
+_DROPPED_TAGS = ("script", "style", "nav", "noscript", "template", "svg", "head", "iframe")
+_HEADINGS = {f"h{level}": level for level in range(1, 7)}
+_BLOCK_TAGS = {
+    "address", "article", "aside", "blockquote", "br", "caption", "dd", "details", "div",
+    "dl", "dt", "fieldset", "figcaption", "figure", "footer", "form", "header", "hr", "li",
+    "main", "ol", "p", "pre", "section", "summary", "table", "tbody", "thead", "tfoot",
+    "title", "tr", "ul", *_HEADINGS,
+}  # fmt: skip
+_CELL_TAGS = {"td", "th"}
+
+
+def _parse_html(data: bytes) -> list[Block]:
+    from bs4 import BeautifulSoup, Comment, Declaration, Doctype, ProcessingInstruction, Tag
+
+    soup = BeautifulSoup(data, "lxml")
+    for tag in soup.find_all(list(_DROPPED_TAGS)):
+        tag.decompose()
+    skipped = (Comment, Declaration, Doctype, ProcessingInstruction)
+    blocks: list[Block] = []
+    words: list[str] = []
+    level = 0
+
+    def flush() -> None:
+        nonlocal level
+        text = " ".join(" ".join(words).split())
+        words.clear()
+        if text:
+            blocks.append(Block(text, level=level))
+        level = 0
+
+    # An explicit stack, not recursion: a hostile page nests 100,000 elements deep.
+    stack: list[tuple[object, bool]] = [(soup, False)]
+    while stack:
+        node, leaving = stack.pop()
+        if isinstance(node, Tag):
+            if node.name in _BLOCK_TAGS:
+                flush()
+            elif node.name in _CELL_TAGS and leaving:
+                words.append(" | ")
+            if leaving:
+                continue
+            if node.name in _HEADINGS:
+                level = _HEADINGS[node.name]
+            stack.append((node, True))
+            stack.extend((child, False) for child in reversed(node.contents))
+        elif not isinstance(node, skipped):
+            words.append(str(node))
+    flush()
+    return [_trim_cells(block) for block in blocks]
+
+
+def _trim_cells(block: Block) -> Block:
+    block.text = block.text.strip(" |").replace("| |", "|")
+    return block
+
+
+# Markdown
+
+_ATX_HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
+_FENCE = re.compile(r"^ {0,3}(```|~~~)")
+
+
+def _parse_markdown(text: str) -> list[Block]:
+    blocks: list[Block] = []
+    lines: list[str] = []
+    fence: str | None = None
+
+    def flush() -> None:
+        if lines:
+            blocks.append(Block("\n".join(lines)))
+            lines.clear()
+
+    for line in text.splitlines():
+        fence_match = _FENCE.match(line)
+        if fence is not None:
+            lines.append(line)
+            if fence_match and fence_match.group(1) == fence:
+                fence = None
+                flush()
+            continue
+        if fence_match:
+            flush()
+            fence = fence_match.group(1)
+            lines.append(line)
+            continue
+        heading = _ATX_HEADING.match(line)
+        if heading:
+            flush()
+            blocks.append(Block(heading.group(2), level=len(heading.group(1))))
+        elif not line.strip():
+            flush()
+        else:
+            lines.append(line)
+    flush()
+    return blocks

@@ -1,0 +1,391 @@
+"""SQL storage of documents, their text, chunks and jobs: models, engine, repositories."""
+
+import datetime as dt
+import logging
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    and_,
+    delete,
+    event,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+_LOGGER = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+PENDING = "PENDING"
+PARSING = "PARSING"
+CHUNKING = "CHUNKING"
+EMBEDDING = "EMBEDDING"
+READY = "READY"
+FAILED = "FAILED"
+DELETING = "DELETING"
+TERMINAL = frozenset({READY, FAILED, DELETING})
+
+JOB_INGEST = "ingest"
+JOB_DELETE = "delete"
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class UtcDateTime(TypeDecorator):
+    """Aware UTC datetimes on every backend (SQLite hands back naive ones)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return None if value is None else value.astimezone(dt.UTC)
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class DocumentRow(Base):
+    __tablename__ = "documents"
+    __table_args__ = (
+        # Same bytes in the same tenant are one document.
+        UniqueConstraint("tenant", "sha256", name="uq_documents_tenant_sha256"),
+        Index("ix_documents_tenant_created", "tenant", "created_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(255))
+    filename: Mapped[str] = mapped_column(String(255))
+    mime_type: Mapped[str] = mapped_column(String(100))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    tags: Mapped[list] = mapped_column(JSON, default=list)
+    attributes: Mapped[dict] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    error: Mapped[str] = mapped_column(Text, default="")
+    page_count: Mapped[int] = mapped_column(Integer, default=0)
+    chunk_count: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+
+class DocumentTagRow(Base):
+    """One row per tag, so listing and search can filter by tag with an index."""
+
+    __tablename__ = "document_tags"
+
+    document_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("documents.id", ondelete="CASCADE"), primary_key=True
+    )
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+
+
+class DocumentTextRow(Base):
+    __tablename__ = "document_texts"
+
+    document_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("documents.id", ondelete="CASCADE"), primary_key=True
+    )
+    text: Mapped[str] = mapped_column(Text)
+
+
+class ChunkRow(Base):
+    """A chunk's text and place; keyword search indexes `text` (FTS5 / tsvector)."""
+
+    __tablename__ = "chunks"
+    __table_args__ = (UniqueConstraint("document_id", "index", name="uq_chunks_document_index"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    document_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("documents.id", ondelete="CASCADE")
+    )
+    tenant: Mapped[str] = mapped_column(String(255), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    start_char: Mapped[int] = mapped_column(BigInteger)
+    end_char: Mapped[int] = mapped_column(BigInteger)
+    page: Mapped[int] = mapped_column(Integer, default=0)
+    token_count: Mapped[int] = mapped_column(Integer)
+    heading: Mapped[str] = mapped_column(Text, default="")
+
+
+class JobRow(Base):
+    """Work still owed to a document; a row outlives crashes, so restarts resume it."""
+
+    __tablename__ = "jobs"
+
+    document_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    run_after: Mapped[dt.datetime] = mapped_column(UtcDateTime, index=True)
+    lease_owner: Mapped[str] = mapped_column(String(64), default="")
+    lease_until: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+
+def create_engine(url: str) -> AsyncEngine:
+    if url.startswith("sqlite"):
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _sqlite_connect(dbapi_connection, _record):
+            # Let SQLAlchemy, not the driver, open transactions (see the begin hook).
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _sqlite_begin(connection):
+            # Take the write lock up front: a deferred transaction that later writes can
+            # fail with "database is locked" without waiting when another writer is active.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_async_engine(url, pool_pre_ping=True)
+
+
+def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+async def migrate(engine: AsyncEngine) -> None:
+    """Brings the schema to the newest Alembic revision."""
+
+    def upgrade(connection) -> None:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+    async with engine.begin() as connection:
+        await connection.run_sync(upgrade)
+
+
+# Documents
+
+
+async def get_document(session: AsyncSession, tenant: str, document_id: str) -> DocumentRow | None:
+    row = await session.get(DocumentRow, document_id)
+    return row if row is not None and row.tenant == tenant else None
+
+
+async def find_by_sha256(session: AsyncSession, tenant: str, sha256: str) -> DocumentRow | None:
+    return await session.scalar(
+        select(DocumentRow).where(DocumentRow.tenant == tenant, DocumentRow.sha256 == sha256)
+    )
+
+
+def add_document(session: AsyncSession, row: DocumentRow) -> None:
+    session.add(row)
+    session.add_all(DocumentTagRow(document_id=row.id, tag=tag) for tag in set(row.tags))
+
+
+async def list_documents(
+    session: AsyncSession,
+    tenant: str,
+    *,
+    limit: int,
+    after: tuple[dt.datetime, str] | None,
+    status: str | None,
+    tag: str | None,
+) -> list[DocumentRow]:
+    """Newest first; `after` is the (created_at, id) of the last row already returned."""
+    query = select(DocumentRow).where(DocumentRow.tenant == tenant)
+    if status is not None:
+        query = query.where(DocumentRow.status == status)
+    if tag:
+        query = query.where(
+            DocumentRow.id.in_(select(DocumentTagRow.document_id).where(DocumentTagRow.tag == tag))
+        )
+    if after is not None:
+        created, last_id = after
+        query = query.where(
+            or_(
+                DocumentRow.created_at < created,
+                and_(DocumentRow.created_at == created, DocumentRow.id < last_id),
+            )
+        )
+    query = query.order_by(DocumentRow.created_at.desc(), DocumentRow.id.desc()).limit(limit)
+    return list(await session.scalars(query))
+
+
+async def set_status(
+    session: AsyncSession,
+    document_id: str,
+    status: str,
+    *,
+    expect: tuple[str, ...] | None = None,
+    **values,
+) -> bool:
+    """Moves a document to `status`; with `expect`, only from one of those statuses."""
+    query = update(DocumentRow).where(DocumentRow.id == document_id)
+    if expect is not None:
+        query = query.where(DocumentRow.status.in_(expect))
+    result = await session.execute(
+        query.values(status=status, updated_at=utcnow(), **values).execution_options(
+            synchronize_session=False
+        )
+    )
+    return result.rowcount == 1
+
+
+async def delete_document_rows(session: AsyncSession, document_id: str) -> None:
+    """Removes everything SQL holds for a document (children first, for every backend)."""
+    for model in (ChunkRow, DocumentTextRow, DocumentTagRow):
+        await session.execute(delete(model).where(model.document_id == document_id))
+    await session.execute(delete(DocumentRow).where(DocumentRow.id == document_id))
+
+
+# Text and chunks
+
+
+async def get_text(session: AsyncSession, document_id: str) -> str | None:
+    return await session.scalar(
+        select(DocumentTextRow.text).where(DocumentTextRow.document_id == document_id)
+    )
+
+
+async def put_text(session: AsyncSession, document_id: str, text: str) -> None:
+    await session.execute(delete(DocumentTextRow).where(DocumentTextRow.document_id == document_id))
+    session.add(DocumentTextRow(document_id=document_id, text=text))
+
+
+async def replace_chunks(session: AsyncSession, document_id: str, rows: list[ChunkRow]) -> None:
+    await session.execute(delete(ChunkRow).where(ChunkRow.document_id == document_id))
+    session.add_all(rows)
+
+
+async def list_chunks(
+    session: AsyncSession, document_id: str, *, from_index: int, limit: int
+) -> list[ChunkRow]:
+    return list(
+        await session.scalars(
+            select(ChunkRow)
+            .where(ChunkRow.document_id == document_id, ChunkRow.index >= from_index)
+            .order_by(ChunkRow.index)
+            .limit(limit)
+        )
+    )
+
+
+# Jobs
+
+
+async def put_job(
+    session: AsyncSession, document_id: str, kind: str, *, delay: float = 0.0
+) -> None:
+    """Queues `kind` for the document, replacing any job it had (delete wins over ingest)."""
+    await session.execute(delete(JobRow).where(JobRow.document_id == document_id))
+    now = utcnow()
+    run_after = now + dt.timedelta(seconds=delay)
+    session.add(
+        JobRow(
+            document_id=document_id,
+            kind=kind,
+            attempts=0,
+            run_after=run_after,
+            lease_owner="",
+            lease_until=None,
+            created_at=now,
+        )
+    )
+
+
+async def claim_job(session: AsyncSession, owner: str, lease_seconds: float) -> JobRow | None:
+    """Takes the oldest due job nobody holds a live lease on; safe across replicas."""
+    now = utcnow()
+    free = or_(JobRow.lease_until.is_(None), JobRow.lease_until < now)
+    candidates = await session.scalars(
+        select(JobRow.document_id)
+        .where(JobRow.run_after <= now, free)
+        .order_by(JobRow.kind == JOB_INGEST, JobRow.created_at)
+        .limit(8)
+    )
+    lease_until = now + dt.timedelta(seconds=lease_seconds)
+    for document_id in list(candidates):
+        result = await session.execute(
+            update(JobRow)
+            .where(JobRow.document_id == document_id, free)
+            .values(lease_owner=owner, lease_until=lease_until)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:
+            return await session.get(JobRow, document_id, populate_existing=True)
+    return None
+
+
+async def renew_lease(
+    session: AsyncSession, document_id: str, owner: str, lease_seconds: float
+) -> bool:
+    result = await session.execute(
+        update(JobRow)
+        .where(JobRow.document_id == document_id, JobRow.lease_owner == owner)
+        .values(lease_until=utcnow() + dt.timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+async def finish_job(session: AsyncSession, document_id: str, kind: str) -> None:
+    await session.execute(
+        delete(JobRow).where(JobRow.document_id == document_id, JobRow.kind == kind)
+    )
+
+
+async def retry_job(session: AsyncSession, document_id: str, owner: str, delay: float) -> None:
+    await session.execute(
+        update(JobRow)
+        .where(JobRow.document_id == document_id, JobRow.lease_owner == owner)
+        .values(
+            attempts=JobRow.attempts + 1,
+            run_after=utcnow() + dt.timedelta(seconds=delay),
+            lease_owner="",
+            lease_until=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def release_jobs(session: AsyncSession, owner: str) -> None:
+    """Hands this process's jobs back at shutdown so a restart takes them at once."""
+    await session.execute(
+        update(JobRow)
+        .where(JobRow.lease_owner == owner)
+        .values(lease_owner="", lease_until=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def count_jobs(session: AsyncSession) -> int:
+    return await session.scalar(select(func.count()).select_from(JobRow)) or 0

@@ -1,0 +1,64 @@
+"""Fixtures for the embed tests: the real model loaded once, a real server on port 0."""
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from ragmesh.embed.v1 import embed_pb2_grpc
+from services.embed.app import start
+from services.embed.model import load_model
+from services.embed.settings import EmbedSettings
+
+
+@pytest.fixture(scope="session")
+def st_model():
+    return load_model("all-MiniLM-L6-v2", "cpu")
+
+
+@pytest.fixture(scope="session")
+def embed_settings(tmp_path_factory):
+    return EmbedSettings(
+        host="127.0.0.1",
+        port=0,
+        data_dir=tmp_path_factory.mktemp("embed"),
+        max_texts_per_request=64,
+        max_chars_per_text=5_000,
+        max_batch_size=32,
+        max_wait_ms=20,
+    )
+
+
+@pytest.fixture(scope="session")
+async def embed_app(embed_settings, st_model):
+    app = await start(embed_settings, model=st_model)
+    yield app
+    await app.server.stop(0)
+    await app.close()
+
+
+@pytest.fixture(scope="session")
+async def embed_channel(embed_app):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{embed_app.server.port}") as channel:
+        yield channel
+
+
+@pytest.fixture
+def embed_stub(embed_channel):
+    return embed_pb2_grpc.EmbedServiceStub(embed_channel)
+
+
+def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    """The ErrorInfo detail a failed call carries."""
+    status = rpc_status.from_call(exc)
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    raise AssertionError(f"no ErrorInfo in {status}")
+
+
+@pytest.fixture
+def reason_of():
+    return lambda exc: error_info(exc).reason

@@ -1,0 +1,152 @@
+"""The embed service through a real server: vectors, order, micro-batching, limits, health."""
+
+import asyncio
+import itertools
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ragmesh.embed.v1 import embed_pb2
+from services.common.errors import Unavailable
+from services.embed.app import start
+from services.embed.servicer import EmbedServicer
+from services.embed.settings import EmbedSettings
+
+SENTENCES = [f"Sentence number {i} talks about topic {i % 7}." for i in range(40)]
+
+
+async def test_health_is_serving_once_loaded(embed_channel):
+    stub = health_pb2_grpc.HealthStub(embed_channel)
+    for name in ("", "ragmesh.embed.v1.EmbedService"):
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=name))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_model_info(embed_stub):
+    info = await embed_stub.GetModelInfo(embed_pb2.GetModelInfoRequest())
+    assert info.model == "all-MiniLM-L6-v2"
+    assert info.dimension == 384
+    assert info.max_tokens == 256
+    assert info.device == "cpu"
+    assert info.max_texts_per_request == 64
+    assert info.max_chars_per_text == 5_000
+
+
+async def test_embed_matches_the_model_in_input_order(embed_stub, st_model):
+    texts = ["The cat sat on the mat.", "Quarterly revenue grew by 12 percent.", "Hello"]
+    reply = await embed_stub.Embed(embed_pb2.EmbedRequest(texts=texts, normalize=True))
+    assert reply.model == "all-MiniLM-L6-v2"
+    assert reply.dimension == 384
+    got = np.array([e.values for e in reply.embeddings])
+    expected = st_model.encode(texts, normalize_embeddings=True)
+    assert got.shape == (3, 384)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert reply.token_counts[2] == 3  # [CLS] hello [SEP]
+
+
+async def test_unnormalized_vectors_keep_their_length(embed_stub, st_model):
+    reply = await embed_stub.Embed(
+        embed_pb2.EmbedRequest(texts=["a short text"], kind=embed_pb2.EMBED_KIND_QUERY)
+    )
+    expected = st_model.encode(["a short text"], normalize_embeddings=False)[0]
+    np.testing.assert_allclose(reply.embeddings[0].values, expected, atol=1e-4)
+
+
+async def test_concurrent_callers_share_batches_and_get_their_own_vectors(embed_stub, st_model):
+    before = await embed_stub.GetStats(embed_pb2.GetStatsRequest())
+    replies = await asyncio.gather(
+        *(embed_stub.Embed(embed_pb2.EmbedRequest(texts=[t], normalize=True)) for t in SENTENCES)
+    )
+    expected = st_model.encode(SENTENCES, normalize_embeddings=True)
+    for reply, vector in zip(replies, expected, strict=True):
+        np.testing.assert_allclose(reply.embeddings[0].values, vector, atol=1e-4)
+    after = await embed_stub.GetStats(embed_pb2.GetStatsRequest())
+    assert after.requests - before.requests == len(SENTENCES)
+    assert after.texts - before.texts == len(SENTENCES)
+    # Forty callers at once must not cost forty forward passes.
+    assert after.batches - before.batches < len(SENTENCES)
+    assert after.max_batch_size > 1
+
+
+async def test_tokenize_gives_character_spans(embed_stub):
+    text = "Embeddings are dense vectors."
+    reply = await embed_stub.Tokenize(embed_pb2.TokenizeRequest(texts=[text, "x" * 3000]))
+    spans = list(zip(reply.texts[0].token_starts, reply.texts[0].token_ends, strict=True))
+    assert spans[0][0] == 0
+    assert spans[-1][1] == len(text)
+    # Spans are in order, never overlap, and together cover every non-space character.
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
+    assert "".join(text[s:e] for s, e in spans) == text.replace(" ", "")
+    # Tokenize never truncates, unlike Embed.
+    assert reply.texts[1].token_ends[-1] == 3000
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "reason", "needle"),
+    [
+        (embed_pb2.EmbedRequest(), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", "texts"),
+        (
+            embed_pb2.EmbedRequest(texts=["ok", "  "]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+            "texts[1]",
+        ),
+        (
+            embed_pb2.EmbedRequest(texts=["x"] * 65),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "TOO_MANY_TEXTS",
+            "64",
+        ),
+        (
+            embed_pb2.EmbedRequest(texts=["y" * 5_001]),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "TEXT_TOO_LONG",
+            "5000",
+        ),
+        (
+            embed_pb2.EmbedRequest(texts=["x"], kind=42),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+            "kind",
+        ),
+    ],
+)
+async def test_bad_requests_are_refused_with_the_limit(
+    embed_stub, reason_of, request_, code, reason, needle
+):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await embed_stub.Embed(request_)
+    assert caught.value.code() == code
+    assert reason_of(caught.value) == reason
+    assert needle in caught.value.details()
+
+
+async def test_tokenize_checks_limits_too(embed_stub, reason_of):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await embed_stub.Tokenize(embed_pb2.TokenizeRequest(texts=["z"] * 65))
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_cancelled_caller_does_not_disturb_others(embed_stub):
+    call = embed_stub.Embed(embed_pb2.EmbedRequest(texts=SENTENCES[:30]))
+    others = asyncio.gather(
+        *(embed_stub.Embed(embed_pb2.EmbedRequest(texts=[t])) for t in SENTENCES[:5])
+    )
+    call.cancel()
+    replies = await others
+    assert all(len(r.embeddings[0].values) == 384 for r in replies)
+
+
+async def test_calls_before_the_model_is_loaded_are_unavailable():
+    with pytest.raises(Unavailable) as caught:
+        await EmbedServicer().Embed(embed_pb2.EmbedRequest(texts=["x"]), None)
+    assert caught.value.reason == "MODEL_LOADING"
+
+
+async def test_a_model_that_cannot_load_stops_the_start(tmp_path):
+    settings = EmbedSettings(host="127.0.0.1", port=0, model=str(tmp_path / "no-such-model"))
+    with pytest.raises(ValueError, match="no-such-model"):
+        await start(settings)

@@ -1,0 +1,289 @@
+"""Fixtures for the ingest tests: a real embed server, real SQLite and PostgreSQL, real
+Qdrant local mode, and an ingest server per database backend."""
+
+import asyncio
+import glob
+import io
+import itertools
+import os
+import shutil
+import socket
+import tempfile
+import zipfile
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from ragmesh.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from services.embed.app import start as start_embed
+from services.embed.model import load_model
+from services.embed.settings import EmbedSettings
+from services.ingest.app import start as start_ingest
+from services.ingest.settings import IngestSettings
+
+TERMINAL = {
+    ingest_pb2.DOCUMENT_STATUS_READY,
+    ingest_pb2.DOCUMENT_STATUS_FAILED,
+    ingest_pb2.DOCUMENT_STATUS_DELETING,
+}
+API_KEYS = {f"key-{n}": f"user-{n}:tenant-{n}" for n in range(400)}
+_next_key = itertools.count()
+
+
+@pytest.fixture(scope="session")
+async def embed_server(tmp_path_factory):
+    settings = EmbedSettings(
+        host="127.0.0.1", port=0, data_dir=tmp_path_factory.mktemp("embed"), max_wait_ms=5
+    )
+    app = await start_embed(settings, model=load_model("all-MiniLM-L6-v2", "cpu"))
+    yield f"127.0.0.1:{app.server.port}"
+    await app.server.stop(0)
+    await app.close()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL server; yields a function that creates a fresh database."""
+    from pytest_postgresql.executors import PostgreSQLExecutor
+    from pytest_postgresql.janitor import DatabaseJanitor
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+    if not found:
+        pytest.skip("PostgreSQL server binaries not installed (make setup installs them)")
+    base = Path(tempfile.mkdtemp(prefix="ragmesh-pg-"))
+    executable = found[-1]
+    if os.geteuid() == 0:
+        # PostgreSQL refuses to run as root: run pg_ctl as the postgres user instead.
+        base.chmod(0o755)
+        shutil.chown(base, "postgres")
+        wrapper = base / "pg_ctl"
+        wrapper.write_text(f'#!/bin/sh\nexec runuser -u postgres -- {executable} "$@"\n')
+        wrapper.chmod(0o755)
+        executable = str(wrapper)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    executor = PostgreSQLExecutor(
+        executable=executable,
+        host="127.0.0.1",
+        port=port,
+        datadir=str(base / "data"),
+        unixsocketdir=str(base),
+        logfile=str(base / "postgres.log"),
+        startparams="-w",
+        dbname="postgres",
+    )
+    names = itertools.count()
+    with executor:
+        executor.wait_for_postgres()
+
+        def create_database() -> str:
+            name = f"ingest_{next(names)}"
+            DatabaseJanitor(user="postgres", host="127.0.0.1", port=port, dbname=name).init()
+            return f"postgresql+asyncpg://postgres@127.0.0.1:{port}/{name}"
+
+        yield create_database
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def backend(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def make_settings(backend, embed_server, request):
+    """Settings for an ingest server on a fresh database of the current backend."""
+
+    create_database = request.getfixturevalue("postgres") if backend == "postgresql" else None
+
+    def make(data_dir: Path, **overrides) -> IngestSettings:
+        url = create_database() if create_database else ""
+        values = dict(
+            host="127.0.0.1",
+            port=0,
+            data_dir=data_dir,
+            database_url=url,
+            embed_target=embed_server,
+            api_keys=API_KEYS,
+            workers=2,
+            job_poll_seconds=0.2,
+            chunk_tokens=64,
+            chunk_overlap_tokens=8,
+            max_upload_bytes=2 * 1024 * 1024,
+            max_docx_uncompressed_bytes=4 * 1024 * 1024,
+        )
+        values.update(overrides)
+        return IngestSettings(**values)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+async def ingest_app(make_settings, tmp_path_factory, backend):
+    app = await start_ingest(make_settings(tmp_path_factory.mktemp(f"ingest-{backend}")))
+    yield app
+    await app.server.stop(0)
+    await app.close()
+
+
+class Client:
+    """One tenant's view of an ingest server."""
+
+    def __init__(self, channel: grpc.aio.Channel, key: str) -> None:
+        self.stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        self.metadata = (("authorization", f"Bearer {key}"),)
+        self.tenant = API_KEYS[key].split(":")[1]
+
+    def upload_call(self, filename: str, pieces, **meta):
+        def requests():
+            yield ingest_pb2.UploadDocumentRequest(
+                metadata=ingest_pb2.DocumentMetadata(filename=filename, **meta)
+            )
+            for piece in pieces:
+                yield ingest_pb2.UploadDocumentRequest(data=piece)
+
+        return self.stub.UploadDocument(requests(), metadata=self.metadata)
+
+    async def upload(self, filename: str, data: bytes, **meta):
+        pieces = [data[i : i + 256 * 1024] for i in range(0, len(data), 256 * 1024)]
+        return await self.upload_call(filename, pieces, **meta)
+
+    async def watch(self, document_id: str) -> list[ingest_pb2.Document]:
+        call = self.stub.WatchDocument(
+            ingest_pb2.WatchDocumentRequest(document_id=document_id),
+            metadata=self.metadata,
+            timeout=120,
+        )
+        return [reply.document async for reply in call]
+
+    async def ingest(self, filename: str, data: bytes, **meta) -> ingest_pb2.Document:
+        """Uploads and waits for a terminal state."""
+        reply = await self.upload(filename, data, **meta)
+        return (await self.watch(reply.document.id))[-1]
+
+    async def call(self, method: str, **fields):
+        request_type = getattr(ingest_pb2, f"{method}Request")
+        return await getattr(self.stub, method)(request_type(**fields), metadata=self.metadata)
+
+
+@pytest.fixture(scope="session")
+async def ingest_channel(ingest_app):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{ingest_app.server.port}") as channel:
+        yield channel
+
+
+@pytest.fixture
+def client(ingest_channel) -> Client:
+    """A client in a tenant of its own, so tests never see each other's documents."""
+    return Client(ingest_channel, f"key-{next(_next_key)}")
+
+
+@pytest.fixture
+def new_client():
+    return lambda channel: Client(channel, f"key-{next(_next_key)}")
+
+
+def _error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    for detail in rpc_status.from_call(exc).details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    raise AssertionError("the error carries no ErrorInfo")
+
+
+@pytest.fixture
+def reason_of():
+    return lambda exc: _error_info(exc).reason
+
+
+@pytest.fixture
+def eventually():
+    """Waits for a condition the server reaches in the background (no timing asserted)."""
+
+    async def wait(condition):
+        async with asyncio.timeout(30):
+            # The state lives in files and databases, which signal nothing: poll it.
+            while not await condition():  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+
+    return wait
+
+
+class Samples:
+    """Files of every supported type, good and hostile, generated on the spot."""
+
+    @staticmethod
+    def pdf(pages: list[str], *, user_password: str | None = None, owner_password="owner"):
+        from reportlab.pdfgen import canvas
+
+        buffer = io.BytesIO()
+        encrypt = None
+        if user_password is not None:
+            from reportlab.lib.pdfencrypt import StandardEncryption
+
+            encrypt = StandardEncryption(user_password, ownerPassword=owner_password)
+        pdf = canvas.Canvas(buffer, encrypt=encrypt)
+        for text in pages:
+            y = 800
+            for line in text.split("\n"):
+                pdf.drawString(72, y, line)
+                y -= 16
+            pdf.showPage()
+        pdf.save()
+        return buffer.getvalue()
+
+    @staticmethod
+    def docx() -> bytes:
+        import docx
+
+        document = docx.Document()
+        document.sections[0].header.paragraphs[0].text = "Confidential header line"
+        document.add_heading("Installation", level=1)
+        document.add_paragraph("Install the package with pip and start the server.")
+        document.add_heading("Configuration", level=2)
+        document.add_paragraph("Settings come from environment variables.")
+        table = document.add_table(rows=2, cols=2)
+        table.cell(0, 0).text = "Setting"
+        table.cell(0, 1).text = "Default"
+        table.cell(1, 0).text = "port"
+        table.cell(1, 1).text = "50051"
+        buffer = io.BytesIO()
+        document.save(buffer)
+        return buffer.getvalue()
+
+    @staticmethod
+    def docx_with_part(name: str, content: bytes, *, base: bytes) -> bytes:
+        """A real DOCX with one part replaced (streamed, so big parts stay cheap)."""
+        source = zipfile.ZipFile(io.BytesIO(base))
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as target:
+            for info in source.infolist():
+                if info.filename != name:
+                    target.writestr(info, source.read(info))
+            with target.open(name, "w") as part:
+                part.write(content)
+        return buffer.getvalue()
+
+    @staticmethod
+    def zip_bomb(base: bytes, expanded: int) -> bytes:
+        source = zipfile.ZipFile(io.BytesIO(base))
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as target:
+            for info in source.infolist():
+                if info.filename != "word/document.xml":
+                    target.writestr(info, source.read(info))
+            with target.open("word/document.xml", "w", force_zip64=True) as part:
+                block = b" " * (1024 * 1024)
+                for _ in range(expanded // len(block)):
+                    part.write(block)
+        return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def samples():
+    return Samples
