@@ -20,7 +20,7 @@ from services.common.context import (
     principal_var,
     request_id_var,
 )
-from services.common.errors import ServiceError
+from services.common.errors import ServiceError, Unimplemented
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -128,6 +128,9 @@ async def _abort(context, exc: Exception, method: str, started: float) -> None:
         raise exc
     request_id = request_id_var.get()
     elapsed_ms = (time.perf_counter() - started) * 1000
+    if isinstance(exc, NotImplementedError):
+        # What the generated base servicer raises for an RPC a service does not offer yet.
+        exc = Unimplemented(f"{method} is not implemented by this server")
     if isinstance(exc, ServiceError):
         error = exc
         _LOGGER.info(

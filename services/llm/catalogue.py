@@ -3,6 +3,7 @@ and the resolution of a LoadModel `model` string to one of them, confined to the
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,12 +100,27 @@ def _architecture(config: Path) -> str:
     return architectures[0] if architectures else ""
 
 
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment at call time.
+
+    huggingface_hub reads HF_HUB_CACHE / HF_HOME once, when it is first imported; reading
+    them here honours a change made after that.
+    """
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
 def _cache_entries() -> list[ModelEntry]:
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
     try:
-        cache = scan_cache_dir()
+        cache = scan_cache_dir(hf_cache_dir())
     except CacheNotFound:
         return []
     except OSError as exc:

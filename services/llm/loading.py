@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from services.common.errors import FailedPrecondition, InvalidArgument
-from services.llm.catalogue import ResolvedModel
+from services.llm.catalogue import ResolvedModel, hf_cache_dir
 from services.llm.engine import EngineInfo
 from services.llm.local import LocalEngine
 
@@ -166,6 +166,7 @@ def download(resolved: ResolvedModel, options: LoadOptions, timeout: float) -> P
             token=os.environ.get("HF_TOKEN") or None,
             allow_patterns=patterns,
             etag_timeout=timeout,
+            cache_dir=hf_cache_dir(),
         )
     )
 

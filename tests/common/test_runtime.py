@@ -162,6 +162,14 @@ async def test_unexpected_error_is_internal_without_leaking(probe_server):
     assert "req-42" in caught.value.details()
 
 
+async def test_rpc_not_implemented_is_unimplemented(probe_server):
+    _, _, _, stub = await probe_server()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetMeshStatus(telemetry_pb2.GetMeshStatusRequest())
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "GetMeshStatus" in caught.value.details()
+
+
 async def test_streaming_error_after_items_keeps_items_and_maps_status(probe_server):
     _, servicer, _, stub = await probe_server()
     servicer.stream_error_after = (
