@@ -1,5 +1,6 @@
 """Starts the ingest service: database and migrations, blobs, Qdrant, workers, server."""
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -11,7 +12,9 @@ from services.ingest import storage
 from services.ingest.blobs import BlobStore
 from services.ingest.documents import Documents, JobSignals
 from services.ingest.embed_client import EmbedClient
-from services.ingest.index import VectorIndex
+from services.ingest.index import LocalVectorIndex, QdrantVectorIndex, VectorIndex
+from services.ingest.search import Retrieval
+from services.ingest.search_index import Analyzer, SearchIndex
 from services.ingest.servicer import IngestServicer
 from services.ingest.settings import IngestSettings
 from services.ingest.worker import WorkerPool
@@ -29,8 +32,11 @@ class IngestApp:
     index: VectorIndex
     embed: EmbedClient
     engine: AsyncEngine
+    retrieval: Retrieval
+    syncer: asyncio.Task
 
     async def close(self) -> None:
+        self.syncer.cancel()
         await self.workers.close()
         await self.embed.close()
         await self.index.close()
@@ -48,37 +54,54 @@ async def start(settings: IngestSettings) -> IngestApp:
     sessions = storage.sessionmaker(engine)
     blobs = BlobStore(settings.resolved_blob_dir)
     blobs.open()
-    try:
-        index = VectorIndex(
-            url=settings.qdrant_url,
-            api_key=settings.qdrant_api_key,
-            path=settings.resolved_qdrant_path,
-        )
-    except RuntimeError as exc:
-        # Local mode locks its folder: a second process on the same path lands here.
-        await engine.dispose()
-        raise ValueError(f"cannot open Qdrant: {exc}") from exc
+    search_index = SearchIndex(Analyzer())
+    index: VectorIndex
+    if settings.qdrant_url:
+        index = QdrantVectorIndex(settings.qdrant_url, settings.qdrant_api_key)
+    else:
+        index = LocalVectorIndex(search_index)
     embed = EmbedClient(
         settings.embed_target,
         timeout=settings.embed_timeout_seconds,
         api_key=settings.embed_api_key,
     )
+    retrieval = Retrieval(
+        sessions,
+        search_index,
+        index,
+        embed,
+        rrf_k=settings.rrf_k,
+        keep_vectors_in_memory=not settings.qdrant_url,
+    )
+    chunks = await retrieval.load()
+    _LOGGER.info("search index holds %d chunks", chunks)
     signals = JobSignals()
     documents = Documents(
         sessions,
         blobs,
         index,
+        search_index,
         signals,
         max_upload_bytes=settings.max_upload_bytes,
         watch_poll_seconds=settings.job_poll_seconds,
     )
-    workers = WorkerPool(settings, sessions, documents, blobs, index, embed, signals)
-    servicer = IngestServicer(documents)
+    workers = WorkerPool(settings, sessions, documents, blobs, index, embed, signals, retrieval)
+    servicer = IngestServicer(documents, retrieval)
     running = await create_server(
         settings,
         [ServiceSpec(SERVICE_NAME, servicer, ingest_pb2_grpc.add_IngestServiceServicer_to_server)],
         serving=False,
     )
     workers.start()
+    syncer = asyncio.create_task(_keep_in_sync(retrieval, settings.index_sync_seconds))
     await running.set_serving(True)
-    return IngestApp(running, documents, workers, index, embed, engine)
+    return IngestApp(running, documents, workers, index, embed, engine, retrieval, syncer)
+
+
+async def _keep_in_sync(retrieval: Retrieval, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await retrieval.sync()
+        except Exception:
+            _LOGGER.exception("catching up the search index failed; retrying")

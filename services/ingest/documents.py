@@ -25,6 +25,7 @@ from services.ingest import storage
 from services.ingest.blobs import BlobStore, TooLarge
 from services.ingest.index import VectorIndex
 from services.ingest.parsers import SUPPORTED, sniff
+from services.ingest.search_index import SearchIndex
 from services.ingest.storage import ChunkRow, DocumentRow
 
 _LOGGER = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ class Documents:
         sessions: async_sessionmaker[AsyncSession],
         blobs: BlobStore,
         index: VectorIndex,
+        search_index: SearchIndex,
         signals: JobSignals,
         *,
         max_upload_bytes: int,
@@ -153,6 +155,7 @@ class Documents:
         self._sessions = sessions
         self._blobs = blobs
         self._index = index
+        self._search_index = search_index
         self._signals = signals
         self._max_upload_bytes = max_upload_bytes
         self._watch_poll = watch_poll_seconds
@@ -360,12 +363,14 @@ class Documents:
             row = await self._require(session, tenant, document_id)
             await storage.set_status(session, row.id, storage.DELETING)
             await storage.put_job(session, row.id, storage.JOB_DELETE, delay=_DELETE_JOB_GRACE)
+        self._search_index.remove_document(row.id)
         self._signals.changed(row.id)
         await self._signals.stop_processing(row.id)
         await self.finish_delete(row.id)
 
     async def finish_delete(self, document_id: str) -> None:
         """Removes vectors, bytes and rows, in that order; safe to repeat after a crash."""
+        self._search_index.remove_document(document_id)
         await self._index.delete_document(document_id)
         await asyncio.to_thread(self._blobs.delete, document_id)
         async with self._sessions() as session, session.begin():

@@ -55,12 +55,12 @@ class EmbedClient:
             raise self._upstream.error(exc) from exc
         return [list(zip(t.token_starts, t.token_ends, strict=True)) for t in reply.texts]
 
-    async def embed(self, texts: list[str]) -> list[list[float]]:
+    async def embed(self, texts: list[str], *, query: bool = False) -> list[list[float]]:
+        """Unit-length vectors for chunks (or, with query=True, for search queries)."""
+        kind = embed_pb2.EMBED_KIND_QUERY if query else embed_pb2.EMBED_KIND_DOCUMENT
         try:
             reply = await self._upstream.stub.Embed(
-                embed_pb2.EmbedRequest(
-                    texts=texts, kind=embed_pb2.EMBED_KIND_DOCUMENT, normalize=True
-                ),
+                embed_pb2.EmbedRequest(texts=texts, kind=kind, normalize=True),
                 metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:

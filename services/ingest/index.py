@@ -1,11 +1,21 @@
-"""The vector index of chunks in Qdrant: a server by URL, or local on-disk mode by path."""
+"""Where chunk embeddings are searched: a Qdrant server, or exact search in process.
+
+With `qdrant_url` set, vectors go to Qdrant (one collection per embedding model and
+dimension, payload indexes on the filter fields). Without it, the embedded default keeps
+vectors in the chunk rows and searches them exactly in memory (`SearchIndex`): Qdrant's
+local mode measured 0.2 s per query unfiltered and 4.7 s with a tenant filter at 100k
+chunks here, and 3.9 ms per point to upsert (see bench/search_bench.py).
+"""
 
 import logging
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 from qdrant_client import AsyncQdrantClient, models
+
+from services.ingest.search_index import Filter, SearchIndex
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -13,7 +23,7 @@ _PAYLOAD_INDEXES = {
     "document_id": models.PayloadSchemaType.KEYWORD,
     "tenant": models.PayloadSchemaType.KEYWORD,
     "tags": models.PayloadSchemaType.KEYWORD,
-    "chunk_index": models.PayloadSchemaType.INTEGER,
+    "mime_type": models.PayloadSchemaType.KEYWORD,
 }
 
 
@@ -25,6 +35,7 @@ class Point:
     chunk_index: int
     tenant: str
     tags: list[str]
+    mime_type: str
 
 
 def collection_name(model: str, dimension: int) -> str:
@@ -33,15 +44,51 @@ def collection_name(model: str, dimension: int) -> str:
     return f"chunks_{slug or 'model'}_{dimension}"
 
 
-class VectorIndex:
-    def __init__(self, *, url: str = "", api_key: str = "", path: Path | None = None) -> None:
-        self._server = bool(url)
-        if url:
-            self._client = AsyncQdrantClient(url=url, api_key=api_key or None)
-        else:
-            assert path is not None
-            path.mkdir(parents=True, exist_ok=True)
-            self._client = AsyncQdrantClient(path=str(path))
+class VectorIndex(Protocol):
+    async def ensure_collection(self, name: str, dimension: int) -> None: ...
+
+    async def upsert(self, collection: str, points: list[Point]) -> None: ...
+
+    async def delete_document(self, document_id: str) -> None: ...
+
+    async def count_document(self, document_id: str) -> int: ...
+
+    async def search(
+        self, collection: str, vector: np.ndarray, where: Filter, limit: int
+    ) -> list[tuple[str, float]]: ...
+
+    async def close(self) -> None: ...
+
+
+class LocalVectorIndex:
+    """Vectors live in the chunk rows and in the in-process SearchIndex."""
+
+    def __init__(self, search_index: SearchIndex) -> None:
+        self._search_index = search_index
+
+    async def ensure_collection(self, name: str, dimension: int) -> None:
+        pass
+
+    async def upsert(self, collection: str, points: list[Point]) -> None:
+        # Stored with the chunk rows, which commit together with READY.
+        pass
+
+    async def delete_document(self, document_id: str) -> None:
+        self._search_index.remove_document(document_id)
+
+    async def count_document(self, document_id: str) -> int:
+        return self._search_index.count_document(document_id)
+
+    async def search(self, collection, vector, where, limit):
+        return self._search_index.semantic(vector, where, limit)
+
+    async def close(self) -> None:
+        pass
+
+
+class QdrantVectorIndex:
+    def __init__(self, url: str, api_key: str = "") -> None:
+        self._client = AsyncQdrantClient(url=url, api_key=api_key or None)
         self._ready: set[str] = set()
 
     async def close(self) -> None:
@@ -56,10 +103,8 @@ class VectorIndex:
                 name,
                 vectors_config=models.VectorParams(size=dimension, distance=models.Distance.COSINE),
             )
-            # Local mode scans payloads and has no payload indexes to create.
-            if self._server:
-                for field, schema in _PAYLOAD_INDEXES.items():
-                    await self._client.create_payload_index(name, field, field_schema=schema)
+            for field, schema in _PAYLOAD_INDEXES.items():
+                await self._client.create_payload_index(name, field, field_schema=schema)
         self._ready.add(name)
 
     async def upsert(self, collection: str, points: list[Point]) -> None:
@@ -74,6 +119,7 @@ class VectorIndex:
                         "chunk_index": point.chunk_index,
                         "tenant": point.tenant,
                         "tags": point.tags,
+                        "mime_type": point.mime_type,
                     },
                 )
                 for point in points
@@ -83,7 +129,7 @@ class VectorIndex:
 
     async def delete_document(self, document_id: str) -> None:
         """Removes the document's points from every chunk collection (models may change)."""
-        selector = models.FilterSelector(filter=_document_filter(document_id))
+        selector = models.FilterSelector(filter=_match("document_id", document_id))
         for name in await self._collections():
             await self._client.delete(name, points_selector=selector, wait=True)
 
@@ -91,17 +137,39 @@ class VectorIndex:
         total = 0
         for name in await self._collections():
             result = await self._client.count(
-                name, count_filter=_document_filter(document_id), exact=True
+                name, count_filter=_match("document_id", document_id), exact=True
             )
             total += result.count
         return total
+
+    async def search(self, collection, vector, where, limit):
+        must: list[models.Condition] = [_condition("tenant", where.tenant)]
+        if where.document_ids:
+            must.append(
+                models.FieldCondition(
+                    key="document_id", match=models.MatchAny(any=list(where.document_ids))
+                )
+            )
+        must.extend(_condition("tags", tag) for tag in where.tags)
+        if where.mime_types:
+            must.append(
+                models.FieldCondition(
+                    key="mime_type", match=models.MatchAny(any=list(where.mime_types))
+                )
+            )
+        answer = await self._client.query_points(
+            collection, query=vector.tolist(), query_filter=models.Filter(must=must), limit=limit
+        )
+        return [(str(point.id), point.score) for point in answer.points]
 
     async def _collections(self) -> list[str]:
         response = await self._client.get_collections()
         return [c.name for c in response.collections if c.name.startswith("chunks_")]
 
 
-def _document_filter(document_id: str) -> models.Filter:
-    return models.Filter(
-        must=[models.FieldCondition(key="document_id", match=models.MatchValue(value=document_id))]
-    )
+def _condition(key: str, value: str) -> models.FieldCondition:
+    return models.FieldCondition(key=key, match=models.MatchValue(value=value))
+
+
+def _match(key: str, value: str) -> models.Filter:
+    return models.Filter(must=[_condition(key, value)])

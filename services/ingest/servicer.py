@@ -7,7 +7,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from ragmesh.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from services.common.context import current_tenant
 from services.common.errors import InvalidArgument
+from services.ingest import search
 from services.ingest.documents import Documents, UploadMetadata
+from services.ingest.search_index import Filter
 from services.ingest.storage import ChunkRow, DocumentRow
 
 _STATUS_TO_PB = {
@@ -63,9 +65,44 @@ async def _upload_bytes(requests: AsyncIterator) -> AsyncIterator[bytes]:
         yield request.data
 
 
+_MODES = {
+    ingest_pb2.SEARCH_MODE_UNSPECIFIED: search.HYBRID,
+    ingest_pb2.SEARCH_MODE_HYBRID: search.HYBRID,
+    ingest_pb2.SEARCH_MODE_KEYWORD: search.KEYWORD,
+    ingest_pb2.SEARCH_MODE_SEMANTIC: search.SEMANTIC,
+}
+_MODE_TO_PB = {
+    search.HYBRID: ingest_pb2.SEARCH_MODE_HYBRID,
+    search.KEYWORD: ingest_pb2.SEARCH_MODE_KEYWORD,
+    search.SEMANTIC: ingest_pb2.SEARCH_MODE_SEMANTIC,
+}
+DEFAULT_TOP_K = 10
+
+
+def hit_to_pb(hit: search.Hit) -> ingest_pb2.SearchHit:
+    def channel(found: tuple[float, int] | None) -> ingest_pb2.ChannelScore:
+        return ingest_pb2.ChannelScore(score=found[0], rank=found[1]) if found else None
+
+    return ingest_pb2.SearchHit(
+        chunk_id=hit.chunk.id,
+        document_id=hit.chunk.document_id,
+        filename=hit.filename,
+        chunk_index=hit.chunk.index,
+        page=hit.chunk.page,
+        text=hit.chunk.text,
+        score=hit.score,
+        keyword=channel(hit.keyword),
+        semantic=channel(hit.semantic),
+        matched_terms=hit.matched_terms,
+        previous=chunk_to_pb(hit.previous) if hit.previous else None,
+        next=chunk_to_pb(hit.next) if hit.next else None,
+    )
+
+
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
-    def __init__(self, documents: Documents) -> None:
+    def __init__(self, documents: Documents, retrieval: search.Retrieval) -> None:
         self._documents = documents
+        self._retrieval = retrieval
 
     async def UploadDocument(self, request_iterator, context):
         requests = aiter(request_iterator)
@@ -127,3 +164,25 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         return ingest_pb2.ListChunksResponse(
             chunks=[chunk_to_pb(row) for row in rows], next_page_token=token
         )
+
+    async def Search(self, request, context):
+        mode = _MODES.get(request.mode)
+        if mode is None:
+            raise InvalidArgument(f"unknown search mode {request.mode}", field="mode")
+        where = request.filter
+        hits = await self._retrieval.search(
+            search.Query(
+                text=request.query,
+                mode=mode,
+                top_k=request.top_k or DEFAULT_TOP_K,
+                where=Filter(
+                    tenant=current_tenant(),
+                    document_ids=list(where.document_ids),
+                    tags=list(where.tags),
+                    mime_types=list(where.mime_types),
+                ),
+                min_score=request.min_score,
+                include_neighbors=request.include_neighbors,
+            )
+        )
+        return ingest_pb2.SearchResponse(hits=[hit_to_pb(h) for h in hits], mode=_MODE_TO_PB[mode])

@@ -14,14 +14,17 @@ class IngestSettings(ServiceSettings):
     )
 
     port: int = Field(default=50051, ge=0, le=65535)
+    # Hybrid search: reciprocal rank fusion constant (higher flattens the rank curve).
+    rrf_k: int = Field(default=60, ge=1)
+    # Seconds between catching up with documents other replicas indexed or deleted.
+    index_sync_seconds: float = Field(default=5.0, gt=0)
     # SQLAlchemy async URL; empty means SQLite at <data_dir>/ingest.db.
     # PostgreSQL: postgresql+asyncpg://user:password@host:5432/ragmesh
     database_url: str = ""
-    # A Qdrant server, for example http://qdrant:6333; empty means local mode at qdrant_path.
+    # A Qdrant server for the vectors, for example http://qdrant:6333. Empty (the embedded
+    # default) keeps vectors in the database and searches them exactly in memory.
     qdrant_url: str = ""
     qdrant_api_key: str = ""
-    # Local on-disk Qdrant (single process); empty means <data_dir>/qdrant.
-    qdrant_path: Path | None = None
     # Where original uploads are kept; empty means <data_dir>/blobs.
     blob_dir: Path | None = None
     embed_target: str = "localhost:50052"
@@ -59,10 +62,6 @@ class IngestSettings(ServiceSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'ingest.db'}"
-
-    @property
-    def resolved_qdrant_path(self) -> Path:
-        return self.qdrant_path or self.data_dir / "qdrant"
 
     @property
     def resolved_blob_dir(self) -> Path:

@@ -13,6 +13,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -30,7 +31,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, undefer
 from sqlalchemy.types import TypeDecorator
 
 _LOGGER = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ class DocumentTextRow(Base):
 
 
 class ChunkRow(Base):
-    """A chunk's text and place; keyword search indexes `text` (FTS5 / tsvector)."""
+    """A chunk's text, place and embedding (float32 bytes, unit length)."""
 
     __tablename__ = "chunks"
     __table_args__ = (UniqueConstraint("document_id", "index", name="uq_chunks_document_index"),)
@@ -135,6 +136,7 @@ class ChunkRow(Base):
     page: Mapped[int] = mapped_column(Integer, default=0)
     token_count: Mapped[int] = mapped_column(Integer)
     heading: Mapped[str] = mapped_column(Text, default="")
+    vector: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
 
 
 class JobRow(Base):
@@ -297,6 +299,52 @@ async def list_chunks(
             .limit(limit)
         )
     )
+
+
+async def ready_chunks(session: AsyncSession, document_ids: list[str] | None = None):
+    """(chunk, mime type, tags) with the embedding, for READY documents (all, or these)."""
+    query = (
+        select(ChunkRow, DocumentRow.mime_type, DocumentRow.tags)
+        .join(DocumentRow, DocumentRow.id == ChunkRow.document_id)
+        .where(DocumentRow.status == READY)
+        .options(undefer(ChunkRow.vector))
+        .order_by(ChunkRow.document_id, ChunkRow.index)
+    )
+    if document_ids is not None:
+        query = query.where(ChunkRow.document_id.in_(document_ids))
+    return await session.stream(query.execution_options(yield_per=2000))
+
+
+async def ready_document_ids(session: AsyncSession) -> set[str]:
+    return set(await session.scalars(select(DocumentRow.id).where(DocumentRow.status == READY)))
+
+
+async def searchable_chunks(
+    session: AsyncSession, tenant: str, chunk_ids: list[str]
+) -> dict[str, tuple[ChunkRow, str]]:
+    """chunk id -> (chunk, filename) for those chunks whose document is READY in tenant."""
+    rows = await session.execute(
+        select(ChunkRow, DocumentRow.filename)
+        .join(DocumentRow, DocumentRow.id == ChunkRow.document_id)
+        .where(
+            ChunkRow.id.in_(chunk_ids),
+            DocumentRow.tenant == tenant,
+            DocumentRow.status == READY,
+        )
+    )
+    return {chunk.id: (chunk, filename) for chunk, filename in rows}
+
+
+async def chunks_at(session: AsyncSession, places: set[tuple[str, int]]) -> dict:
+    """(document id, index) -> chunk, for the given places that exist."""
+    if not places:
+        return {}
+    rows = await session.scalars(
+        select(ChunkRow).where(
+            or_(*(and_(ChunkRow.document_id == d, ChunkRow.index == i) for d, i in places))
+        )
+    )
+    return {(row.document_id, row.index): row for row in rows}
 
 
 # Jobs

@@ -7,6 +7,7 @@ import os
 import socket
 import uuid
 
+import numpy as np
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.common.errors import DeadlineExceeded, ServiceError, Unavailable
@@ -17,6 +18,7 @@ from services.ingest.documents import Documents, JobSignals
 from services.ingest.embed_client import EmbedClient
 from services.ingest.index import Point, VectorIndex, collection_name
 from services.ingest.parsers import ParseError, parse
+from services.ingest.search import Retrieval
 from services.ingest.settings import IngestSettings
 from services.ingest.storage import ChunkRow, JobRow
 
@@ -45,6 +47,7 @@ class WorkerPool:
         index: VectorIndex,
         embed: EmbedClient,
         signals: JobSignals,
+        retrieval: Retrieval,
     ) -> None:
         self._settings = settings
         self._sessions = sessions
@@ -53,6 +56,7 @@ class WorkerPool:
         self._index = index
         self._embed = embed
         self._signals = signals
+        self._retrieval = retrieval
         self._owner = f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._tasks: list[asyncio.Task] = []
 
@@ -223,10 +227,13 @@ class WorkerPool:
         texts = [parsed.text[spec.start : spec.end] for spec in plan]
         limiter = asyncio.Semaphore(settings.embed_concurrency)
         batch = min(settings.embed_batch_size, model.max_texts)
+        embeddings: dict[int, bytes] = {}
 
         async def embed_and_index(first: int) -> None:
             async with limiter:
                 vectors = await self._embed.embed(texts[first : first + batch])
+                for offset, vector in enumerate(vectors):
+                    embeddings[first + offset] = np.asarray(vector, dtype=np.float32).tobytes()
                 await self._index.upsert(
                     collection,
                     [
@@ -237,6 +244,7 @@ class WorkerPool:
                             spec.index,
                             row.tenant,
                             list(row.tags),
+                            row.mime_type,
                         )
                         for spec, vector in zip(plan[first : first + batch], vectors, strict=True)
                     ],
@@ -265,8 +273,9 @@ class WorkerPool:
                 page=spec.page,
                 token_count=spec.token_count,
                 heading=spec.heading,
+                vector=embeddings[position],
             )
-            for spec, text in zip(plan, texts, strict=True)
+            for position, (spec, text) in enumerate(zip(plan, texts, strict=True))
         ]
         async with self._sessions() as session, session.begin():
             await storage.replace_chunks(session, document_id, chunks)
@@ -280,5 +289,6 @@ class WorkerPool:
             ):
                 raise _Gone
             await storage.finish_job(session, document_id, storage.JOB_INGEST)
+        await self._retrieval.add_document(document_id)
         self._signals.changed(document_id)
         _LOGGER.info("document %s ready: %d chunks", document_id, len(chunks))

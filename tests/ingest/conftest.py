@@ -1,5 +1,5 @@
-"""Fixtures for the ingest tests: a real embed server, real SQLite and PostgreSQL, real
-Qdrant local mode, and an ingest server per database backend."""
+"""Fixtures for the ingest tests: a real embed server, real SQLite and PostgreSQL, and an
+ingest server per database backend."""
 
 import asyncio
 import glob

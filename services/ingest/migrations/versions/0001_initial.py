@@ -1,4 +1,4 @@
-"""Documents, tags, parsed text, chunks (with a keyword index) and jobs.
+"""Documents, tags, parsed text, chunks (with their embeddings) and jobs.
 
 Revision ID: 0001
 Revises:
@@ -74,6 +74,7 @@ def upgrade() -> None:
         sa.Column("page", sa.Integer(), nullable=False),
         sa.Column("token_count", sa.Integer(), nullable=False),
         sa.Column("heading", sa.Text(), nullable=False),
+        sa.Column("vector", sa.LargeBinary(), nullable=True),
         sa.UniqueConstraint("document_id", "index", name="uq_chunks_document_index"),
     )
     op.create_index("ix_chunks_tenant", "chunks", ["tenant"])
@@ -88,41 +89,8 @@ def upgrade() -> None:
         sa.Column("created_at", UtcDateTime(), nullable=False),
     )
     op.create_index("ix_jobs_run_after", "jobs", ["run_after"])
-    _create_keyword_index()
-
-
-def _create_keyword_index() -> None:
-    """Full-text index over chunk text, kept in step with the table by the database."""
-    if op.get_bind().dialect.name == "postgresql":
-        op.execute(
-            "ALTER TABLE chunks ADD COLUMN text_tsv tsvector "
-            "GENERATED ALWAYS AS (to_tsvector('english', text)) STORED"
-        )
-        op.execute("CREATE INDEX ix_chunks_text_tsv ON chunks USING GIN (text_tsv)")
-        return
-    # External-content FTS5 table over chunks.rowid; triggers keep it in sync.
-    op.execute(
-        "CREATE VIRTUAL TABLE chunks_fts USING fts5("
-        "text, content='chunks', content_rowid='rowid', tokenize='porter unicode61')"
-    )
-    op.execute(
-        "CREATE TRIGGER chunks_fts_insert AFTER INSERT ON chunks BEGIN "
-        "INSERT INTO chunks_fts(rowid, text) VALUES (new.rowid, new.text); END"
-    )
-    op.execute(
-        "CREATE TRIGGER chunks_fts_delete AFTER DELETE ON chunks BEGIN "
-        "INSERT INTO chunks_fts(chunks_fts, rowid, text) VALUES ('delete', old.rowid, old.text); "
-        "END"
-    )
-    op.execute(
-        "CREATE TRIGGER chunks_fts_update AFTER UPDATE ON chunks BEGIN "
-        "INSERT INTO chunks_fts(chunks_fts, rowid, text) VALUES ('delete', old.rowid, old.text); "
-        "INSERT INTO chunks_fts(rowid, text) VALUES (new.rowid, new.text); END"
-    )
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name != "postgresql":
-        op.execute("DROP TABLE IF EXISTS chunks_fts")
     for table in ("jobs", "chunks", "document_texts", "document_tags", "documents"):
         op.drop_table(table)

@@ -1,0 +1,198 @@
+"""Search over a tenant's chunks: keyword (BM25), semantic (embeddings) and hybrid (RRF).
+
+Candidates come from the in-process SearchIndex (keyword, and vectors on the embedded
+default) or Qdrant (vectors on a server); every hit is then read back from SQL, so only
+chunks of READY documents in the caller's tenant are ever returned.
+"""
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.common.errors import InvalidArgument
+from services.ingest import storage
+from services.ingest.embed_client import EmbedClient
+from services.ingest.index import VectorIndex, collection_name
+from services.ingest.search_index import Filter, IndexedChunk, SearchIndex
+from services.ingest.storage import ChunkRow
+
+_LOGGER = logging.getLogger(__name__)
+
+KEYWORD, SEMANTIC, HYBRID = "keyword", "semantic", "hybrid"
+MAX_QUERY_CHARS = 4096
+MAX_TOP_K = 100
+# Each channel contributes this many candidates per hit asked for, so fusion and the
+# READY check have room to work with.
+_CANDIDATES_PER_HIT = 3
+_MIN_CANDIDATES = 50
+
+
+@dataclass
+class Query:
+    text: str
+    mode: str = HYBRID
+    top_k: int = 10
+    where: Filter = field(default_factory=lambda: Filter(tenant="default"))
+    min_score: float = 0.0
+    include_neighbors: bool = False
+
+
+@dataclass
+class Hit:
+    chunk: ChunkRow
+    filename: str
+    score: float
+    keyword: tuple[float, int] | None  # (score, 1-based rank)
+    semantic: tuple[float, int] | None
+    matched_terms: list[str]
+    previous: ChunkRow | None = None
+    next: ChunkRow | None = None
+
+
+def check_query(text: str, top_k: int) -> None:
+    if not text.strip():
+        raise InvalidArgument("query must not be empty", field="query")
+    if len(text) > MAX_QUERY_CHARS:
+        raise InvalidArgument(
+            f"query is {len(text)} characters; the limit is {MAX_QUERY_CHARS}", field="query"
+        )
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise InvalidArgument(f"top_k must be 1-{MAX_TOP_K}, got {top_k}", field="top_k")
+
+
+def reciprocal_rank_fusion(rankings: list[list[str]], k: int) -> dict[str, float]:
+    """score(d) = sum over rankings of 1 / (k + rank of d); ranks start at 1."""
+    fused: dict[str, float] = {}
+    for ranking in rankings:
+        for rank, key in enumerate(ranking, start=1):
+            fused[key] = fused.get(key, 0.0) + 1.0 / (k + rank)
+    return fused
+
+
+class Retrieval:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        search_index: SearchIndex,
+        vectors: VectorIndex,
+        embed: EmbedClient,
+        *,
+        rrf_k: int,
+        keep_vectors_in_memory: bool,
+    ) -> None:
+        self._sessions = sessions
+        self._index = search_index
+        self._vectors = vectors
+        self._embed = embed
+        self._rrf_k = rrf_k
+        self._keep_vectors = keep_vectors_in_memory
+
+    async def load(self, document_ids: list[str] | None = None) -> int:
+        """Indexes READY documents' chunks from SQL (all, or these); returns chunk count."""
+        loaded = 0
+        batch: list[IndexedChunk] = []
+        async with self._sessions() as session:
+            result = await storage.ready_chunks(session, document_ids)
+            async for chunk, mime_type, tags in result:
+                batch.append(self._indexed(chunk, mime_type, tags))
+                if len(batch) >= 2000:
+                    loaded += await self._add(batch)
+                    batch = []
+        if batch:
+            loaded += await self._add(batch)
+        return loaded
+
+    def _indexed(self, chunk: ChunkRow, mime_type: str, tags) -> IndexedChunk:
+        vector = None
+        if self._keep_vectors and chunk.vector is not None:
+            vector = np.frombuffer(chunk.vector, dtype=np.float32)
+        return IndexedChunk(
+            chunk.id, chunk.document_id, chunk.tenant, mime_type, tuple(tags), chunk.text, vector
+        )
+
+    async def _add(self, chunks: list[IndexedChunk]) -> int:
+        # Analysis (tokenizing, stemming) is CPU work: keep it off the event loop.
+        await asyncio.to_thread(self._index.add, chunks)
+        return len(chunks)
+
+    async def add_document(self, document_id: str) -> None:
+        """Makes a document that just became READY searchable."""
+        self._index.remove_document(document_id)
+        await self.load([document_id])
+
+    def remove_document(self, document_id: str) -> None:
+        self._index.remove_document(document_id)
+
+    async def sync(self) -> None:
+        """Catches up with documents other replicas made READY or deleted."""
+        async with self._sessions() as session:
+            ready = await storage.ready_document_ids(session)
+        indexed = self._index.document_ids()
+        for document_id in indexed - ready:
+            self._index.remove_document(document_id)
+        missing = sorted(ready - indexed)
+        if missing:
+            await self.load(missing)
+
+    async def search(self, query: Query) -> list[Hit]:
+        check_query(query.text, query.top_k)
+        candidates = max(query.top_k * _CANDIDATES_PER_HIT, _MIN_CANDIDATES)
+        keyword: list[tuple[str, float]] = []
+        semantic: list[tuple[str, float]] = []
+        if query.mode in (KEYWORD, HYBRID):
+            keyword = await asyncio.to_thread(
+                self._index.keyword, query.text, query.where, candidates
+            )
+        if query.mode in (SEMANTIC, HYBRID):
+            semantic = await self._semantic(query, candidates)
+        keyword_ranks = {cid: (score, rank) for rank, (cid, score) in enumerate(keyword, 1)}
+        semantic_ranks = {cid: (score, rank) for rank, (cid, score) in enumerate(semantic, 1)}
+        if query.mode == HYBRID:
+            scores = reciprocal_rank_fusion(
+                [[cid for cid, _ in keyword], [cid for cid, _ in semantic]], self._rrf_k
+            )
+        else:
+            scores = dict(keyword if query.mode == KEYWORD else semantic)
+        ranked = sorted(scores, key=lambda cid: -scores[cid])
+        async with self._sessions() as session:
+            rows = await storage.searchable_chunks(session, query.where.tenant, ranked)
+            hits = []
+            for cid in ranked:
+                if cid not in rows or scores[cid] < query.min_score:
+                    continue
+                chunk, filename = rows[cid]
+                hits.append(
+                    Hit(
+                        chunk,
+                        filename,
+                        scores[cid],
+                        keyword_ranks.get(cid),
+                        semantic_ranks.get(cid),
+                        self._index.analyzer.matched_words(query.text, chunk.text),
+                    )
+                )
+                if len(hits) == query.top_k:
+                    break
+            if query.include_neighbors:
+                await self._attach_neighbors(session, hits)
+        return hits
+
+    async def _semantic(self, query: Query, limit: int) -> list[tuple[str, float]]:
+        model = await self._embed.model()
+        vector = np.asarray((await self._embed.embed([query.text], query=True))[0], np.float32)
+        collection = collection_name(model.name, model.dimension)
+        return await self._vectors.search(collection, vector, query.where, limit)
+
+    @staticmethod
+    async def _attach_neighbors(session: AsyncSession, hits: list[Hit]) -> None:
+        places = set()
+        for hit in hits:
+            places.add((hit.chunk.document_id, hit.chunk.index - 1))
+            places.add((hit.chunk.document_id, hit.chunk.index + 1))
+        found = await storage.chunks_at(session, places)
+        for hit in hits:
+            hit.previous = found.get((hit.chunk.document_id, hit.chunk.index - 1))
+            hit.next = found.get((hit.chunk.document_id, hit.chunk.index + 1))
