@@ -72,6 +72,10 @@ def reciprocal_rank_fusion(rankings: list[list[str]], k: int) -> dict[str, float
     return fused
 
 
+async def _nothing() -> list[tuple[str, float]]:
+    return []
+
+
 class Retrieval:
     def __init__(
         self,
@@ -140,14 +144,11 @@ class Retrieval:
     async def search(self, query: Query) -> list[Hit]:
         check_query(query.text, query.top_k)
         candidates = max(query.top_k * _CANDIDATES_PER_HIT, _MIN_CANDIDATES)
-        keyword: list[tuple[str, float]] = []
-        semantic: list[tuple[str, float]] = []
-        if query.mode in (KEYWORD, HYBRID):
-            keyword = await asyncio.to_thread(
-                self._index.keyword, query.text, query.where, candidates
-            )
-        if query.mode in (SEMANTIC, HYBRID):
-            semantic = await self._semantic(query, candidates)
+        # The two channels run side by side: keyword in a thread while the query is embedded.
+        keyword, semantic = await asyncio.gather(
+            self._keyword(query, candidates) if query.mode != SEMANTIC else _nothing(),
+            self._semantic(query, candidates) if query.mode != KEYWORD else _nothing(),
+        )
         keyword_ranks = {cid: (score, rank) for rank, (cid, score) in enumerate(keyword, 1)}
         semantic_ranks = {cid: (score, rank) for rank, (cid, score) in enumerate(semantic, 1)}
         if query.mode == HYBRID:
@@ -179,6 +180,9 @@ class Retrieval:
             if query.include_neighbors:
                 await self._attach_neighbors(session, hits)
         return hits
+
+    async def _keyword(self, query: Query, limit: int) -> list[tuple[str, float]]:
+        return await asyncio.to_thread(self._index.keyword, query.text, query.where, limit)
 
     async def _semantic(self, query: Query, limit: int) -> list[tuple[str, float]]:
         model = await self._embed.model()

@@ -186,3 +186,21 @@ async def test_the_index_is_rebuilt_from_the_database_at_restart(
     finally:
         await restarted.server.stop(0)
         await restarted.close()
+
+
+async def test_semantic_search_without_embed_is_unavailable_and_keyword_still_works(
+    make_settings, tmp_path, new_client, reason_of
+):
+    app = await start(make_settings(tmp_path, embed_target="127.0.0.1:1", embed_timeout_seconds=2))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}") as channel:
+            client = new_client(channel)
+            for mode in (SEMANTIC, HYBRID):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await search(client, "anything", mode=mode)
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "embed" in caught.value.details()
+            assert list((await search(client, "anything", mode=KEYWORD)).hits) == []
+    finally:
+        await app.server.stop(0)
+        await app.close()
