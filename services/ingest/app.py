@@ -70,6 +70,8 @@ async def start(settings: IngestSettings) -> IngestApp:
         search_index,
         index,
         embed,
+        fusion=settings.fusion,
+        semantic_weight=settings.semantic_weight,
         rrf_k=settings.rrf_k,
         keep_vectors_in_memory=not settings.qdrant_url,
     )

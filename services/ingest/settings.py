@@ -1,6 +1,7 @@
 """Settings of the ingest service, read from RAGMESH_INGEST_* environment variables."""
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -14,7 +15,10 @@ class IngestSettings(ServiceSettings):
     )
 
     port: int = Field(default=50051, ge=0, le=65535)
-    # Hybrid search: reciprocal rank fusion constant (higher flattens the rank curve).
+    # Hybrid search: "convex" scores semantic_weight * semantic + (1 - semantic_weight) *
+    # keyword on min-max normalised scores; "rrf" is reciprocal rank fusion with rrf_k.
+    fusion: Literal["convex", "rrf"] = "convex"
+    semantic_weight: float = Field(default=0.7, ge=0, le=1)
     rrf_k: int = Field(default=60, ge=1)
     # Seconds between catching up with documents other replicas indexed or deleted.
     index_sync_seconds: float = Field(default=5.0, gt=0)
