@@ -146,10 +146,12 @@ class Retrieval:
         await asyncio.to_thread(self._index.add, chunks)
         return len(chunks)
 
-    async def add_document(self, document_id: str) -> None:
-        """Makes a document that just became READY searchable."""
+    async def add_chunks(
+        self, document_id: str, chunks: list[ChunkRow], mime_type: str, tags
+    ) -> None:
+        """Indexes a document's chunks (replacing any it had) as it becomes READY."""
         self._index.remove_document(document_id)
-        await self.load([document_id])
+        await self._add([self._indexed(chunk, mime_type, tags) for chunk in chunks])
 
     def remove_document(self, document_id: str) -> None:
         self._index.remove_document(document_id)
@@ -157,10 +159,13 @@ class Retrieval:
     async def sync(self) -> None:
         """Catches up with documents other replicas made READY or deleted."""
         async with self._sessions() as session:
-            ready = await storage.ready_document_ids(session)
+            statuses = await storage.document_statuses(session)
         indexed = self._index.document_ids()
-        for document_id in indexed - ready:
-            self._index.remove_document(document_id)
+        for document_id in indexed:
+            # A document still being processed is indexed just before it turns READY.
+            if statuses.get(document_id, storage.DELETING) in (storage.DELETING, storage.FAILED):
+                self._index.remove_document(document_id)
+        ready = {d for d, status in statuses.items() if status == storage.READY}
         missing = sorted(ready - indexed)
         if missing:
             await self.load(missing)

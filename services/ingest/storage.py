@@ -315,8 +315,8 @@ async def ready_chunks(session: AsyncSession, document_ids: list[str] | None = N
     return await session.stream(query.execution_options(yield_per=2000))
 
 
-async def ready_document_ids(session: AsyncSession) -> set[str]:
-    return set(await session.scalars(select(DocumentRow.id).where(DocumentRow.status == READY)))
+async def document_statuses(session: AsyncSession) -> dict[str, str]:
+    return dict((await session.execute(select(DocumentRow.id, DocumentRow.status))).all())
 
 
 async def searchable_chunks(

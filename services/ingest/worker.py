@@ -137,6 +137,7 @@ class WorkerPool:
             await self._ingest(document_id)
         except _Gone:
             _LOGGER.info("document %s was deleted while being processed", document_id)
+            self._retrieval.remove_document(document_id)
             await self._index.delete_document(document_id)
         except ParseError as exc:
             await self._fail(document_id, str(exc))
@@ -277,6 +278,9 @@ class WorkerPool:
             )
             for position, (spec, text) in enumerate(zip(plan, texts, strict=True))
         ]
+        # Searchable before READY commits, so a caller who sees READY finds the chunks;
+        # until then search drops them, as it reads every hit back from READY rows.
+        await self._retrieval.add_chunks(document_id, chunks, row.mime_type, row.tags)
         async with self._sessions() as session, session.begin():
             await storage.replace_chunks(session, document_id, chunks)
             if not await storage.set_status(
@@ -289,6 +293,5 @@ class WorkerPool:
             ):
                 raise _Gone
             await storage.finish_job(session, document_id, storage.JOB_INGEST)
-        await self._retrieval.add_document(document_id)
         self._signals.changed(document_id)
         _LOGGER.info("document %s ready: %d chunks", document_id, len(chunks))

@@ -204,3 +204,35 @@ async def test_semantic_search_without_embed_is_unavailable_and_keyword_still_wo
     finally:
         await app.server.stop(0)
         await app.close()
+
+
+async def test_a_second_replica_catches_up_with_documents_it_did_not_index(
+    make_settings, tmp_path, new_client, backend, eventually
+):
+    if backend == "sqlite":
+        pytest.skip("replicas share a database server; SQLite is one process's file")
+    settings = make_settings(tmp_path, index_sync_seconds=0.2)
+    first = await start(settings)
+    second = await start(settings.model_copy(update={"data_dir": tmp_path / "second"}))
+    try:
+        channels = [
+            grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}") for app in (first, second)
+        ]
+        writer = new_client(channels[0])
+        reader = new_client(channels[1])
+        reader.metadata = writer.metadata
+        document = await writer.ingest("tennis.txt", CORPUS["tennis.txt"][0].encode())
+
+        async def found() -> bool:
+            reply = await search(reader, "Wimbledon", mode=KEYWORD)
+            return [h.document_id for h in reply.hits] == [document.id]
+
+        await eventually(found)
+        await writer.call("DeleteDocument", document_id=document.id)
+        assert list((await search(reader, "Wimbledon", mode=KEYWORD)).hits) == []
+        for channel in channels:
+            await channel.close()
+    finally:
+        for app in (first, second):
+            await app.server.stop(0)
+            await app.close()
