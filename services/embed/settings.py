@@ -20,7 +20,14 @@ class EmbedSettings(ServiceSettings):
     # Most texts in one forward pass; requests are gathered until this many texts wait.
     # 32 measured best on 2 CPU cores: 64 texts of 256 tokens ran at half the speed.
     max_batch_size: int = Field(default=32, ge=1, le=4096)
-    # How long the first waiting text waits for others to join its batch.
-    max_wait_ms: float = Field(default=5.0, ge=0, le=1000)
+    # A batch stays open while requests keep arriving, each within linger_ms of the last,
+    # and at most max_wait_ms after its first request: a lone caller waits linger_ms,
+    # a burst of callers shares one forward pass. What queued while the model was busy
+    # joins the next batch at once.
+    max_wait_ms: float = Field(default=20.0, ge=0, le=1000)
+    linger_ms: float = Field(default=2.0, ge=0, le=1000)
+    # Threads that encode shards of a batch side by side on CPU, one torch thread each;
+    # 0 is one per CPU core this process may use. Ignored on an accelerator.
+    compute_threads: int = Field(default=0, ge=0, le=256)
     max_texts_per_request: int = Field(default=256, ge=1)
     max_chars_per_text: int = Field(default=100_000, ge=1)

@@ -1,0 +1,69 @@
+"""The micro-batcher on its own: sharded forward passes and how batches form."""
+
+import asyncio
+
+import numpy as np
+
+from services.embed.model import Embedder, Kind, Limits
+
+LIMITS = Limits(max_texts_per_request=64, max_chars_per_text=5_000)
+# Lengths that differ a lot, so sorting and dealing texts to shards reorders them.
+MIXED = [" ".join(f"word{j}" for j in range(1 + (i * 37) % 60)) + f" text {i}." for i in range(23)]
+
+
+async def started(model, **options) -> Embedder:
+    options = {"max_batch_size": 32, "max_wait_ms": 20, **options}
+    embedder = Embedder(model, name="all-MiniLM-L6-v2", limits=LIMITS, **options)
+    await embedder.start()
+    return embedder
+
+
+async def test_shards_give_the_model_vectors_in_input_order(st_model):
+    embedder = await started(st_model, compute_threads=3)
+    try:
+        result = await embedder.embed(MIXED, Kind.DOCUMENT, normalize=False)
+    finally:
+        await embedder.close()
+    np.testing.assert_allclose(result.vectors, st_model.encode(MIXED), atol=1e-4)
+    lengths = st_model.tokenizer(MIXED, return_length=True)["length"]
+    assert result.token_counts == [int(n) for n in lengths]
+
+
+async def test_one_compute_thread_gives_the_same_vectors(st_model):
+    embedder = await started(st_model, compute_threads=1)
+    try:
+        result = await embedder.embed(MIXED[:5], Kind.DOCUMENT, normalize=True)
+    finally:
+        await embedder.close()
+    expected = st_model.encode(MIXED[:5], normalize_embeddings=True)
+    np.testing.assert_allclose(result.vectors, expected, atol=1e-4)
+
+
+async def test_callers_queued_together_fill_batches_up_to_the_maximum(st_model):
+    embedder = await started(st_model, compute_threads=2)
+    try:
+        texts = [f"Caller {i} asks about topic {i % 5}." for i in range(40)]
+        results = await asyncio.gather(
+            *(embedder.embed([text], Kind.QUERY, normalize=True) for text in texts)
+        )
+    finally:
+        await embedder.close()
+    expected = st_model.encode(texts, normalize_embeddings=True)
+    for result, vector in zip(results, expected, strict=True):
+        np.testing.assert_allclose(result.vectors[0], vector, atol=1e-4)
+    # Forty one-text callers queued at once: a full batch of 32, then the other 8.
+    assert embedder.stats.batches == 2
+    assert embedder.stats.max_batch_size == 32
+    assert embedder.stats.texts == 40
+
+
+async def test_a_lone_caller_is_served_without_others(st_model):
+    embedder = await started(st_model, max_wait_ms=1000, linger_ms=1)
+    try:
+        result = await asyncio.wait_for(
+            embedder.embed(["alone"], Kind.QUERY, normalize=True), timeout=30
+        )
+    finally:
+        await embedder.close()
+    assert result.vectors.shape == (1, 384)
+    assert embedder.stats.batches == 1
