@@ -57,7 +57,7 @@ class Analyzer:
 
     def matched_words(self, query: str, text: str) -> list[str]:
         """The query's words whose stems occur in text, in query order, once each."""
-        present = set(self.terms(text))
+        present = {self.stem(word) for word in set(self.words(text))}
         found: list[str] = []
         for word in self.words(query):
             if self.stem(word) in present and word not in found:

@@ -323,16 +323,24 @@ async def searchable_chunks(
     session: AsyncSession, tenant: str, chunk_ids: list[str]
 ) -> dict[str, tuple[ChunkRow, str]]:
     """chunk id -> (chunk, filename) for those chunks whose document is READY in tenant."""
-    rows = await session.execute(
-        select(ChunkRow, DocumentRow.filename)
-        .join(DocumentRow, DocumentRow.id == ChunkRow.document_id)
-        .where(
-            ChunkRow.id.in_(chunk_ids),
-            DocumentRow.tenant == tenant,
-            DocumentRow.status == READY,
-        )
+    # Two primary-key lookups: as one join, SQLite's planner walks every READY document.
+    chunks = list(await session.scalars(select(ChunkRow).where(ChunkRow.id.in_(chunk_ids))))
+    documents = dict(
+        (
+            await session.execute(
+                select(DocumentRow.id, DocumentRow.filename).where(
+                    DocumentRow.id.in_({chunk.document_id for chunk in chunks}),
+                    DocumentRow.tenant == tenant,
+                    DocumentRow.status == READY,
+                )
+            )
+        ).all()
     )
-    return {chunk.id: (chunk, filename) for chunk, filename in rows}
+    return {
+        chunk.id: (chunk, documents[chunk.document_id])
+        for chunk in chunks
+        if chunk.document_id in documents
+    }
 
 
 async def chunks_at(session: AsyncSession, places: set[tuple[str, int]]) -> dict:
