@@ -4,10 +4,12 @@ brute-force numpy scan of the same vectors: python -m bench.search_bench [SIZES.
 Chunks are synthetic (Zipf-distributed words, random unit vectors) and written straight
 into a fresh ingest database, so the run measures search, not embedding; the ingest
 service then starts on that database (loading its index) and every query goes through
-the Search RPC, with the query embedded by a real embed service.
+the Search RPC, with the query embedded by a real embed service in its own process.
 """
 
 import asyncio
+import os
+import socket
 import statistics
 import sys
 import tempfile
@@ -17,10 +19,9 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ragmesh.ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from services.embed import app as embed_app
-from services.embed.settings import EmbedSettings
 from services.ingest import app as ingest_app
 from services.ingest import storage
 from services.ingest.settings import IngestSettings
@@ -148,17 +149,46 @@ async def _measure(size: int, embed_target: str, rng: np.random.Generator, folde
         print(f"    {name:<11} p50 {p50:7.1f} ms  p95 {p95:7.1f} ms{ratio}")
 
 
+async def _embed_process(folder: Path):
+    """The embed service in its own process, as deployed; returns (process, target)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "RAGMESH_EMBED_PORT": str(port), "RAGMESH_EMBED_DATA_DIR": str(folder)}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.embed",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    target = f"127.0.0.1:{port}"
+    async with grpc.aio.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for _ in range(600):
+            try:
+                answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return process, target
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.5)
+    process.terminate()
+    raise RuntimeError("the embed service did not start")
+
+
 async def _run(sizes: list[int]) -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="ragmesh-search-bench-") as folder:
-        embed = await embed_app.start(EmbedSettings(port=0, data_dir=Path(folder) / "embed"))
+        embed, target = await _embed_process(Path(folder) / "embed")
         try:
             print("search: latency through the Search RPC, top_k 10, embedded default")
             for size in sizes:
-                await _measure(size, f"127.0.0.1:{embed.server.port}", rng, Path(folder))
+                await _measure(size, target, rng, Path(folder))
         finally:
-            await embed.server.stop(0)
-            await embed.close()
+            embed.terminate()
+            await embed.wait()
 
 
 def main() -> None:
