@@ -12,9 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ragmesh.embed.v1 import embed_pb2, embed_pb2_grpc
+from services.common.clients import wait_until_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 CALLERS = 32
@@ -54,21 +54,6 @@ def service(name: str, env: dict[str, str]):
     finally:
         process.terminate()
         process.wait(timeout=60)
-
-
-async def wait_serving(target: str, patience: float = 180.0) -> None:
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + patience
-        while time.monotonic() < deadline:
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.2)
-    raise RuntimeError(f"{target} did not become SERVING")
 
 
 def start_embed(port: int, data_dir: str):
@@ -162,7 +147,7 @@ def main() -> None:
     load = " ".join(f"{value:.1f}" for value in os.getloadavg())
     port = free_port()
     with tempfile.TemporaryDirectory() as data_dir, start_embed(port, data_dir) as process:
-        asyncio.run(wait_serving(f"127.0.0.1:{port}"))
+        asyncio.run(wait_until_serving(f"127.0.0.1:{port}", 180))
         model = load_model("all-MiniLM-L6-v2", "cpu")
         result = asyncio.run(_measure(f"127.0.0.1:{port}", model, chunks, sentences))
         rss = peak_rss_mib(process.pid)

@@ -13,10 +13,10 @@ from bench.embed_bench import (
     peak_rss_mib,
     service,
     start_embed,
-    wait_serving,
 )
 from ragmesh.embed.v1 import embed_pb2, embed_pb2_grpc
 from ragmesh.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from services.common.clients import wait_until_serving
 
 READY = ingest_pb2.DocumentStatus.Value("DOCUMENT_STATUS_READY")
 
@@ -111,8 +111,8 @@ def main() -> None:
             },
         ) as ingest_process,
     ):
-        asyncio.run(wait_serving(f"127.0.0.1:{embed_port}"))
-        asyncio.run(wait_serving(f"127.0.0.1:{ingest_port}"))
+        asyncio.run(wait_until_serving(f"127.0.0.1:{embed_port}", 180))
+        asyncio.run(wait_until_serving(f"127.0.0.1:{ingest_port}", 180))
         result = asyncio.run(_run(f"127.0.0.1:{ingest_port}", f"127.0.0.1:{embed_port}", files))
         rss = {"ingest": peak_rss_mib(ingest_process.pid), "embed": peak_rss_mib(embed_process.pid)}
     size = sum(len(data) for _, data in files) / 1024

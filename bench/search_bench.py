@@ -19,9 +19,9 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ragmesh.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from services.common.clients import wait_until_serving
 from services.ingest import app as ingest_app
 from services.ingest import storage
 from services.ingest.settings import IngestSettings
@@ -164,18 +164,12 @@ async def _embed_process(folder: Path):
         stderr=asyncio.subprocess.DEVNULL,
     )
     target = f"127.0.0.1:{port}"
-    async with grpc.aio.insecure_channel(target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        for _ in range(600):
-            try:
-                answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return process, target
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.5)
-    process.terminate()
-    raise RuntimeError("the embed service did not start")
+    try:
+        await wait_until_serving(target, 300, lambda: process.returncode is None)
+    except BaseException:
+        process.terminate()
+        raise
+    return process, target
 
 
 async def _run(sizes: list[int]) -> None:

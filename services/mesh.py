@@ -6,13 +6,10 @@ import asyncio
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from services import demo
+from services.common.clients import wait_until_serving
 
 # Start order: a service comes after what it calls.
 SERVICES = {
@@ -29,23 +26,14 @@ def _port(name: str) -> int:
 
 
 async def _wait_serving(name: str, process: asyncio.subprocess.Process) -> None:
-    target = f"127.0.0.1:{_port(name)}"
-    deadline = time.monotonic() + READY_TIMEOUT_SECONDS[name]
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.returncode is not None:
-                raise RuntimeError(f"{name} exited with {process.returncode}; see {_log(name)}")
-            try:
-                answer = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.5)
-    raise RuntimeError(
-        f"{name} not SERVING after {READY_TIMEOUT_SECONDS[name]} s; see {_log(name)}"
-    )
+    try:
+        await wait_until_serving(
+            f"127.0.0.1:{_port(name)}",
+            READY_TIMEOUT_SECONDS[name],
+            still_running=lambda: process.returncode is None,
+        )
+    except (RuntimeError, TimeoutError) as exc:
+        raise RuntimeError(f"{name}: {exc}; see {_log(name)}") from exc
 
 
 def _log(name: str) -> Path:

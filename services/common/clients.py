@@ -6,10 +6,14 @@ through the mesh; cancelling the incoming call cancels the awaited upstream call
 UNAVAILABLE is retried by the channel's service config, never by hand.
 """
 
+import asyncio
 import json
+import time
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 
 from services.common.context import authorization_var, request_id_var, time_remaining
@@ -130,3 +134,24 @@ class Upstream(Generic[StubT]):
 
     async def close(self) -> None:
         await self.channel.close()
+
+
+async def wait_until_serving(
+    target: str, patience_seconds: float, still_running: Callable[[], bool] = lambda: True
+) -> None:
+    """Polls target's grpc.health until it reports SERVING; raises TimeoutError after
+    patience_seconds, or RuntimeError as soon as still_running() says the process is gone."""
+    deadline = time.monotonic() + patience_seconds
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if not still_running():
+                raise RuntimeError(f"the service at {target} exited before serving")
+            try:
+                answer = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.2)
+    raise TimeoutError(f"the service at {target} was not SERVING after {patience_seconds:.0f} s")

@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from ragmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
-from services.common.clients import Upstream
+from services.common.clients import Upstream, wait_until_serving
 from services.common.context import current_principal, time_remaining
 from services.common.errors import InvalidArgument, NotFound
 from services.common.server import ServiceSpec, create_server
@@ -132,6 +132,20 @@ async def test_liveness_is_separate_from_readiness():
         assert ready.status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert alive.status == health_pb2.HealthCheckResponse.SERVING
         await channel.close()
+    finally:
+        await running.stop(0)
+
+
+async def test_wait_until_serving_waits_for_readiness_and_notices_a_dead_process():
+    running = await create_server(ServiceSettings(), [], serving=False)
+    target = f"127.0.0.1:{running.port}"
+    try:
+        with pytest.raises(TimeoutError):
+            await wait_until_serving(target, 0.5)
+        with pytest.raises(RuntimeError, match="exited"):
+            await wait_until_serving(target, 5, still_running=lambda: False)
+        await running.set_serving(True)
+        await wait_until_serving(target, 5)
     finally:
         await running.stop(0)
 
