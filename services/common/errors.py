@@ -73,11 +73,6 @@ class NotFound(ServiceError):
     default_reason = "NOT_FOUND"
 
 
-class AlreadyExists(ServiceError):
-    code = grpc.StatusCode.ALREADY_EXISTS
-    default_reason = "ALREADY_EXISTS"
-
-
 class FailedPrecondition(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
     default_reason = "FAILED_PRECONDITION"
@@ -101,11 +96,6 @@ class Unauthenticated(ServiceError):
 class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
     default_reason = "UNAVAILABLE"
-
-
-class Cancelled(ServiceError):
-    code = grpc.StatusCode.CANCELLED
-    default_reason = "CANCELLED"
 
 
 class Unimplemented(ServiceError):

@@ -11,7 +11,7 @@ from ragmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 from services.common.errors import InvalidArgument
 from services.telemetry.mesh import MeshProber
 from services.telemetry.settings import TelemetrySettings
-from services.telemetry.system import Snapshot, SystemReader
+from services.telemetry.system import SystemReader
 
 
 def to_pb(value, message_class: type[Message]) -> Message:
@@ -40,10 +40,6 @@ def to_pb(value, message_class: type[Message]) -> Message:
     return message
 
 
-def snapshot_to_pb(snapshot: Snapshot) -> telemetry_pb2.SystemStatus:
-    return to_pb(snapshot, telemetry_pb2.SystemStatus)
-
-
 class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
     def __init__(self, settings: TelemetrySettings, reader: SystemReader, prober: MeshProber):
         self._settings = settings
@@ -53,7 +49,7 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
     async def _snapshot(self, skip_gpu_processes: bool) -> telemetry_pb2.SystemStatus:
         # psutil's CPU sampling sleeps and NVML calls block: keep them off the event loop.
         snapshot = await asyncio.to_thread(self._reader.snapshot, not skip_gpu_processes)
-        return snapshot_to_pb(snapshot)
+        return to_pb(snapshot, telemetry_pb2.SystemStatus)
 
     async def GetSystemStatus(self, request, context):
         return telemetry_pb2.GetSystemStatusResponse(

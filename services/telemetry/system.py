@@ -75,12 +75,12 @@ class Network:
 
 @dataclass
 class Alert:
-    severity: int  # 1 info, 2 warning, 3 critical (the proto's Severity values)
+    severity: int  # 2 warning, 3 critical (the proto's Severity values)
     code: str
     message: str
 
 
-INFO, WARNING, CRITICAL = 1, 2, 3
+WARNING, CRITICAL = 2, 3
 
 
 @dataclass

@@ -30,28 +30,24 @@ def test_invalid_setting_is_rejected_with_its_name():
         TelemetrySettings(log_level="LOUD")
 
 
-def test_service_with_bad_setting_exits_with_a_message():
-    env = {**os.environ, "RAGMESH_TELEMETRY_PORT": "not-a-port"}
-    result = subprocess.run(
+def start_telemetry(**env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, "-m", "services.telemetry"],
-        env=env,
+        env={**os.environ, **env},
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_service_with_bad_setting_exits_with_a_message():
+    result = start_telemetry(RAGMESH_TELEMETRY_PORT="not-a-port")
     assert result.returncode != 0
     assert "invalid settings" in result.stderr and "port" in result.stderr
 
 
 def test_service_refuses_open_exposure_at_start():
-    env = {**os.environ, "RAGMESH_TELEMETRY_HOST": "0.0.0.0", "RAGMESH_TELEMETRY_PORT": "0"}
-    result = subprocess.run(
-        [sys.executable, "-m", "services.telemetry"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = start_telemetry(RAGMESH_TELEMETRY_HOST="0.0.0.0", RAGMESH_TELEMETRY_PORT="0")
     assert result.returncode != 0
     assert "without credentials" in result.stderr
 
