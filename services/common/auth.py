@@ -4,17 +4,21 @@ import hmac
 
 import jwt
 
-from services.common.context import ANONYMOUS, Principal
-from services.common.errors import Unauthenticated
+from services.common.context import ANONYMOUS, Principal, current_principal, parse_principal
+from services.common.errors import PermissionDenied, Unauthenticated
 from services.common.settings import ServiceSettings
 
 
 class Authenticator:
-    """Accepts `Bearer <api key>` or `Bearer <JWT>`; off when no credentials are set."""
+    """Accepts `Bearer <api key>` or `Bearer <JWT>`; off only when no credentials are set.
+
+    Configured credentials are always enforced: `auth_disabled` only allows an open
+    service beyond loopback, it never switches configured keys off.
+    """
 
     def __init__(self, settings: ServiceSettings) -> None:
-        self.enabled = settings.auth_configured and not settings.auth_disabled
-        self._api_keys = {key: _parse_principal(value) for key, value in settings.api_keys.items()}
+        self.enabled = settings.auth_configured
+        self._api_keys = {key: parse_principal(value) for key, value in settings.api_keys.items()}
         self._jwt_key = settings.jwt_key
         self._jwt_algorithms = settings.jwt_algorithms
         self._jwt_audience = settings.jwt_audience or None
@@ -54,11 +58,39 @@ class Authenticator:
             raise Unauthenticated("token expired", reason="TOKEN_EXPIRED") from exc
         except jwt.InvalidTokenError as exc:
             raise Unauthenticated(f"invalid token: {exc}", reason="CREDENTIALS_INVALID") from exc
+        tenant = claims.get(self._tenant_claim)
+        if not isinstance(tenant, str) or not tenant.strip():
+            raise Unauthenticated(
+                f"token has no tenant: claim {self._tenant_claim!r} must name the tenant",
+                reason="TENANT_MISSING",
+                metadata={"claim": self._tenant_claim},
+            )
         return Principal(
-            subject=str(claims["sub"]), tenant=str(claims.get(self._tenant_claim) or "default")
+            subject=str(claims["sub"]), tenant=tenant.strip(), scopes=_token_scopes(claims)
         )
 
 
-def _parse_principal(value: str) -> Principal:
-    subject, _, tenant = value.partition(":")
-    return Principal(subject=subject or "api-key", tenant=tenant or "default")
+def _token_scopes(claims: dict) -> frozenset[str]:
+    """Scopes from `scope` (OAuth 2.0: space-separated) and/or `scopes` (a list)."""
+    scopes: set[str] = set()
+    scope = claims.get("scope")
+    if isinstance(scope, str):
+        scopes.update(scope.split())
+    listed = claims.get("scopes")
+    if isinstance(listed, str):
+        scopes.update(listed.split())
+    elif isinstance(listed, list):
+        scopes.update(str(item) for item in listed if str(item).strip())
+    return frozenset(scopes)
+
+
+def require_scope(scope: str) -> Principal:
+    """The current caller, if it holds scope; PERMISSION_DENIED naming the scope otherwise."""
+    principal = current_principal()
+    if scope not in principal.scopes:
+        raise PermissionDenied(
+            f"this call needs the scope {scope!r}, which {principal.subject!r} does not have",
+            reason="SCOPE_REQUIRED",
+            metadata={"scope": scope},
+        )
+    return principal

@@ -4,6 +4,12 @@ One long-lived channel per upstream. Every call gets the caller's default timeou
 shortened to what is left of the incoming call's deadline, so deadlines propagate
 through the mesh; cancelling the incoming call cancels the awaited upstream call.
 UNAVAILABLE is retried by the channel's service config, never by hand.
+
+Credentials: inside a call, an upstream that acts for the caller gets the caller's
+`authorization`, so the caller's tenant scopes what it sees; outside any call (background
+work, see `context.background`) it gets the service's own API key. An upstream that
+serves the service itself (embed, for ingest) always gets the service's own key when
+one is set.
 """
 
 import asyncio
@@ -19,6 +25,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from services.common.context import authorization_var, request_id_var, time_remaining
 from services.common.errors import DeadlineExceeded, ServiceError, Unavailable
 from services.common.interceptors import REQUEST_ID_KEY
+from services.common.tracing import process_tracer_provider
 
 RETRY_SERVICE_CONFIG = json.dumps(
     {
@@ -48,12 +55,20 @@ class _ForwardingInterceptor(
 ):
     """Adds the incoming call's authorization and request id, and bounds the timeout."""
 
-    def __init__(self, default_timeout: float) -> None:
+    def __init__(self, default_timeout: float, api_key: str, forward_caller: bool) -> None:
         self._default_timeout = default_timeout
+        self._own_authorization = f"Bearer {api_key}" if api_key else ""
+        self._forward_caller = forward_caller
+
+    def _authorization(self) -> str:
+        caller = authorization_var.get()
+        if self._forward_caller and caller:
+            return caller
+        return self._own_authorization or caller
 
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         metadata = grpc.aio.Metadata(*(details.metadata or ()))
-        authorization = authorization_var.get()
+        authorization = self._authorization()
         if authorization and "authorization" not in metadata:
             metadata["authorization"] = authorization
         request_id = request_id_var.get()
@@ -84,10 +99,16 @@ def open_channel(
     target: str,
     *,
     default_timeout: float = 30.0,
+    api_key: str = "",
+    forward_caller: bool = True,
     tracer_provider: TracerProvider | None = None,
     max_message_bytes: int = 16 * 1024 * 1024,
 ) -> grpc.aio.Channel:
-    interceptors: list = [_ForwardingInterceptor(default_timeout)]
+    """A channel to target. api_key is the service's own credential; with forward_caller
+    the caller's credentials are sent instead while serving a call. Calls are traced
+    through tracer_provider, by default the process's (see tracing.configure_tracing)."""
+    interceptors: list = [_ForwardingInterceptor(default_timeout, api_key, forward_caller)]
+    tracer_provider = tracer_provider or process_tracer_provider()
     if tracer_provider is not None:
         from opentelemetry.instrumentation.grpc import aio_client_interceptors
 

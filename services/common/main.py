@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from services.common.logs import configure_logging
 from services.common.server import RunningServer, run_until_signalled
 from services.common.settings import ServiceSettings
+from services.common.tracing import configure_tracing
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ def run_service(settings_class: type[S], start: Callable[[S], Awaitable[App]]) -
     except ValidationError as exc:
         sys.exit(f"invalid settings for {settings_class.__name__}:\n{exc}")
     configure_logging(settings.log_level, settings.log_json)
+    configure_tracing(settings.service_name(), settings.otlp_endpoint)
 
     async def serve() -> None:
         try:

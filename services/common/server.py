@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from services.common.auth import Authenticator
 from services.common.interceptors import CallInterceptor
 from services.common.settings import ServiceSettings
+from services.common.tracing import configure_tracing
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class RunningServer:
     health: health.HealthServicer
     service_names: list[str]
     settings: ServiceSettings
+    tracer_provider: TracerProvider | None = None
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def set_serving(self, serving: bool) -> None:
@@ -57,6 +59,8 @@ class RunningServer:
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         _LOGGER.info("shutting down, in-flight calls get %.1f s", grace)
         await self.server.stop(grace)
+        if self.tracer_provider is not None:
+            self.tracer_provider.force_flush()
 
 
 async def create_server(
@@ -66,8 +70,14 @@ async def create_server(
     tracer_provider: TracerProvider | None = None,
     serving: bool = True,
 ) -> RunningServer:
-    """Starts a server on settings.host:settings.port (0 picks a free port)."""
+    """Starts a server on settings.host:settings.port (0 picks a free port).
+
+    Without an explicit tracer_provider, the server traces through the process's provider
+    when the settings name an OTLP endpoint.
+    """
     settings.check_exposure()
+    if tracer_provider is None:
+        tracer_provider = configure_tracing(settings.service_name(), settings.otlp_endpoint)
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if tracer_provider is not None:
         from opentelemetry.instrumentation.grpc import aio_server_interceptor
@@ -98,7 +108,7 @@ async def create_server(
     if port == 0:
         raise RuntimeError(f"could not bind {host}:{settings.port}")
     await server.start()
-    running = RunningServer(server, port, health_servicer, names, settings)
+    running = RunningServer(server, port, health_servicer, names, settings, tracer_provider)
     await health_servicer.set(LIVENESS, SERVING)
     await running.set_serving(serving)
     _LOGGER.info("listening on %s:%d (%s)", settings.host, port, ", ".join(names))

@@ -6,6 +6,8 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.context import parse_principal
+
 
 class ServiceSettings(BaseSettings):
     """Read from `RAGMESH_<SERVICE>_*` environment variables, validated at start.
@@ -24,7 +26,8 @@ class ServiceSettings(BaseSettings):
     log_json: bool = False
     # Seconds in-flight calls get to finish after SIGTERM before they are cancelled.
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
-    # API key -> "subject:tenant" (or just "subject", tenant "default").
+    # API key -> "subject:tenant" or "subject:tenant:scope,scope" (the scope "admin" may
+    # load models and change global settings). A value without a tenant is refused.
     api_keys: dict[str, str] = Field(default_factory=dict)
     # HS256 secret, or a PEM public key for RS256/ES256, to verify JWT bearer tokens.
     jwt_key: str = ""
@@ -32,7 +35,8 @@ class ServiceSettings(BaseSettings):
     jwt_audience: str = ""
     # Claim holding the tenant; the subject comes from "sub".
     jwt_tenant_claim: str = "tenant"
-    # Must be set to listen beyond loopback without credentials configured.
+    # Must be set to listen beyond loopback without credentials configured. It never
+    # switches configured credentials off.
     auth_disabled: bool = False
     # OTLP/gRPC endpoint for traces, for example http://otel-collector:4317.
     otlp_endpoint: str = ""
@@ -46,6 +50,21 @@ class ServiceSettings(BaseSettings):
         if value not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError(f"unknown log level {value!r}")
         return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_name_a_tenant(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, principal in value.items():
+            if not key.strip():
+                raise ValueError("an API key must not be empty")
+            parse_principal(principal)
+        return value
+
+    @classmethod
+    def service_name(cls) -> str:
+        """The service's short name, from its prefix: RAGMESH_INGEST_ gives "ingest"."""
+        prefix = cls.model_config.get("env_prefix", "")
+        return prefix.removeprefix("RAGMESH_").strip("_").lower() or "service"
 
     @property
     def auth_configured(self) -> bool:

@@ -19,10 +19,16 @@ class EmbedModel:
 
 class EmbedClient:
     def __init__(self, target: str, *, timeout: float, api_key: str = "") -> None:
+        # Ingest calls embed as itself, with its own key when one is set (the caller's
+        # credentials otherwise), in calls and in background jobs alike.
         self._upstream = Upstream(
-            "embed", target, embed_pb2_grpc.EmbedServiceStub, default_timeout=timeout
+            "embed",
+            target,
+            embed_pb2_grpc.EmbedServiceStub,
+            default_timeout=timeout,
+            api_key=api_key,
+            forward_caller=False,
         )
-        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         self._model: EmbedModel | None = None
 
     async def close(self) -> None:
@@ -32,9 +38,7 @@ class EmbedClient:
         """The model's facts, asked once: a different model needs a restart of ingest too."""
         if self._model is None:
             try:
-                info = await self._upstream.stub.GetModelInfo(
-                    embed_pb2.GetModelInfoRequest(), metadata=self._metadata
-                )
+                info = await self._upstream.stub.GetModelInfo(embed_pb2.GetModelInfoRequest())
             except grpc.aio.AioRpcError as exc:
                 raise self._upstream.error(exc) from exc
             self._model = EmbedModel(
@@ -48,9 +52,7 @@ class EmbedClient:
 
     async def tokenize(self, texts: list[str]) -> list[list[tuple[int, int]]]:
         try:
-            reply = await self._upstream.stub.Tokenize(
-                embed_pb2.TokenizeRequest(texts=texts), metadata=self._metadata
-            )
+            reply = await self._upstream.stub.Tokenize(embed_pb2.TokenizeRequest(texts=texts))
         except grpc.aio.AioRpcError as exc:
             raise self._upstream.error(exc) from exc
         return [list(zip(t.token_starts, t.token_ends, strict=True)) for t in reply.texts]
@@ -60,8 +62,7 @@ class EmbedClient:
         kind = embed_pb2.EMBED_KIND_QUERY if query else embed_pb2.EMBED_KIND_DOCUMENT
         try:
             reply = await self._upstream.stub.Embed(
-                embed_pb2.EmbedRequest(texts=texts, kind=kind, normalize=True),
-                metadata=self._metadata,
+                embed_pb2.EmbedRequest(texts=texts, kind=kind, normalize=True)
             )
         except grpc.aio.AioRpcError as exc:
             raise self._upstream.error(exc) from exc

@@ -4,7 +4,6 @@ from dataclasses import dataclass
 
 from ragmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 from services.common.server import RunningServer, ServiceSpec, create_server
-from services.common.tracing import tracer_provider_for
 from services.telemetry.gpu import load_nvml
 from services.telemetry.mesh import MeshProber
 from services.telemetry.servicer import TelemetryServicer
@@ -41,6 +40,5 @@ async def start(settings: TelemetrySettings, nvml=None) -> TelemetryApp:
                 SERVICE_NAME, servicer, telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server
             )
         ],
-        tracer_provider=tracer_provider_for("telemetry", settings.otlp_endpoint),
     )
     return TelemetryApp(server, prober)

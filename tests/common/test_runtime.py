@@ -14,10 +14,12 @@ from grpc_status import rpc_status
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from pydantic import ValidationError
 
 from ragmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
+from services.common.auth import require_scope
 from services.common.clients import Upstream, wait_until_serving
-from services.common.context import current_principal, time_remaining
+from services.common.context import ADMIN_SCOPE, background, current_principal, time_remaining
 from services.common.errors import InvalidArgument, NotFound
 from services.common.server import ServiceSpec, create_server
 from services.common.settings import ServiceSettings
@@ -39,12 +41,16 @@ class ProbeServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
         self.seen_remaining: list[float | None] = []
         self.seen_principals: list = []
         self.downstream: Upstream | None = None
+        # Replaces GetSystemStatus's answer when a test sets it: async (request, context).
+        self.unary_behaviour = None
 
     async def GetSystemStatus(self, request, context):
         self.seen_remaining.append(time_remaining())
         self.seen_principals.append(current_principal())
         if self.unary_error:
             raise self.unary_error
+        if self.unary_behaviour is not None:
+            return await self.unary_behaviour(request, context)
         if self.downstream is not None:
             try:
                 return await self.downstream.stub.GetSystemStatus(request)
@@ -350,11 +356,130 @@ async def test_trace_context_reaches_the_downstream_service(probe_server):
     server_spans = [s for s in spans if s.kind.name == "SERVER"]
     client_spans = [s for s in spans if s.kind.name == "CLIENT"]
     assert len(server_spans) == 2 and len(client_spans) == 1
-    # One trace: the downstream server span is a child of the front's client span.
+    # One trace: the front's server span parents its client span, which parents the
+    # downstream's server span.
     assert len({s.context.trace_id for s in spans}) == 1
-    downstream_span = next(
-        s
-        for s in server_spans
-        if s.parent is not None and s.parent.span_id == client_spans[0].context.span_id
+    front_span = next(s for s in server_spans if s.parent is None)
+    downstream_span = next(s for s in server_spans if s.parent is not None)
+    assert client_spans[0].parent.span_id == front_span.context.span_id
+    assert downstream_span.parent.span_id == client_spans[0].context.span_id
+
+
+async def test_configured_keys_are_enforced_even_with_auth_disabled(probe_server):
+    _, servicer, _, stub = await probe_server(api_keys={"k1": "alice:acme"}, auth_disabled=True)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetSystemStatus(telemetry_pb2.GetSystemStatusRequest())
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    await stub.GetSystemStatus(
+        telemetry_pb2.GetSystemStatusRequest(), metadata=(("authorization", "Bearer k1"),)
     )
-    assert downstream_span is not None
+    assert [p.tenant for p in servicer.seen_principals] == ["acme"]
+
+
+@pytest.mark.parametrize("value", ["alice", "alice:", ":acme", "alice:acme:admin:extra"])
+def test_api_key_without_subject_and_tenant_is_refused_at_start(value):
+    with pytest.raises(ValidationError, match="subject>:<tenant>"):
+        ServiceSettings(api_keys={"k1": value})
+
+
+async def test_token_without_tenant_claim_is_refused(probe_server):
+    _, servicer, _, stub = await probe_server(jwt_key="s" * 32)
+    token = jwt.encode({"sub": "bob", "exp": int(time.time()) + 60}, "s" * 32, "HS256")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetSystemStatus(
+            telemetry_pb2.GetSystemStatusRequest(),
+            metadata=(("authorization", f"Bearer {token}"),),
+        )
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error_details(caught.value)["ErrorInfo"].reason == "TENANT_MISSING"
+    assert servicer.seen_principals == []
+
+
+async def test_principals_carry_scopes_from_api_keys_and_tokens(probe_server):
+    _, servicer, _, stub = await probe_server(
+        api_keys={"k1": "alice:acme:admin,reader", "k2": "carol:acme"}, jwt_key="s" * 32
+    )
+    claims = {"sub": "bob", "tenant": "globex", "exp": int(time.time()) + 60}
+    tokens = [
+        jwt.encode({**claims, "scope": "admin write"}, "s" * 32, "HS256"),
+        jwt.encode({**claims, "scopes": ["reader"]}, "s" * 32, "HS256"),
+    ]
+    for credential in ["k1", "k2", *tokens]:
+        await stub.GetSystemStatus(
+            telemetry_pb2.GetSystemStatusRequest(),
+            metadata=(("authorization", f"Bearer {credential}"),),
+        )
+    assert [(p.subject, p.scopes) for p in servicer.seen_principals] == [
+        ("alice", {"admin", "reader"}),
+        ("carol", set()),
+        ("bob", {"admin", "write"}),
+        ("bob", {"reader"}),
+    ]
+
+
+async def test_require_scope_refuses_a_caller_without_it(probe_server):
+    _, servicer, _, stub = await probe_server(api_keys={"k1": "alice:acme:admin", "k2": "bob:acme"})
+
+    async def admin_only(request, context):
+        require_scope(ADMIN_SCOPE)
+        return STATUS(status=telemetry_pb2.SystemStatus(hostname="changed"))
+
+    servicer.unary_behaviour = admin_only
+    answer = await stub.GetSystemStatus(
+        telemetry_pb2.GetSystemStatusRequest(), metadata=(("authorization", "Bearer k1"),)
+    )
+    assert answer.status.hostname == "changed"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetSystemStatus(
+            telemetry_pb2.GetSystemStatusRequest(), metadata=(("authorization", "Bearer k2"),)
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    info = error_details(caught.value)["ErrorInfo"]
+    assert (info.reason, info.metadata["scope"]) == ("SCOPE_REQUIRED", "admin")
+
+
+async def test_background_work_calls_upstreams_with_the_services_own_key(probe_server):
+    down_running, downstream, _, _ = await probe_server(
+        api_keys={"user-key": "alice:acme", "service-key": "ingest:system"}
+    )
+    _, front, _, front_stub = await probe_server(api_keys={"user-key": "alice:acme"})
+    target = f"127.0.0.1:{down_running.port}"
+    acting_for_caller = Upstream(
+        "probe", target, telemetry_pb2_grpc.TelemetryServiceStub, api_key="service-key"
+    )
+    as_itself = Upstream(
+        "probe",
+        target,
+        telemetry_pb2_grpc.TelemetryServiceStub,
+        api_key="service-key",
+        forward_caller=False,
+    )
+    background_calls: list[asyncio.Task] = []
+
+    async def front_behaviour(request, context):
+        await acting_for_caller.stub.GetSystemStatus(request)
+        await as_itself.stub.GetSystemStatus(request)
+
+        async def later():
+            with background():
+                await acting_for_caller.stub.GetSystemStatus(request)
+
+        # A task made inside a call inherits the call's context, credentials included.
+        background_calls.append(asyncio.create_task(later()))
+        return STATUS()
+
+    front.unary_behaviour = front_behaviour
+    await front_stub.GetSystemStatus(
+        telemetry_pb2.GetSystemStatusRequest(), metadata=(("authorization", "Bearer user-key"),)
+    )
+    await asyncio.gather(*background_calls)
+    with background():
+        await as_itself.stub.GetSystemStatus(telemetry_pb2.GetSystemStatusRequest())
+    await acting_for_caller.close()
+    await as_itself.close()
+    assert [p.subject for p in downstream.seen_principals] == [
+        "alice",
+        "ingest",
+        "ingest",
+        "ingest",
+    ]
