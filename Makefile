@@ -6,7 +6,7 @@ BUF = node_modules/.bin/buf
 PROTOS = $(wildcard protos/ragmesh/*/v1/*.proto)
 PG_BIN = $(firstword $(wildcard /usr/lib/postgresql/*/bin/pg_ctl))
 
-.PHONY: setup proto proto-check lint test run run-embedded bench clean
+.PHONY: setup proto proto-baseline lint test run bench clean
 
 setup: .venv/.installed node_modules/.installed postgres-binaries
 
@@ -34,14 +34,23 @@ postgres-binaries:
 proto:
 	$(PY) -m services.common.protogen .
 
+# The contracts as released: `buf breaking` compares protos/ against this image in
+# `make test`. Refresh it (only possible while nothing breaks it) when a change ships.
+BASELINE = protos/baseline.binpb
+proto-baseline:
+	$(BUF) breaking --against $(BASELINE)
+	$(BUF) build --exclude-source-info -o $(BASELINE)
+
 lint:
 	$(PY) -m ruff check services tests bench
 	$(PY) -m ruff format --check services tests bench
 	$(BUF) lint
+	$(BUF) breaking --against $(BASELINE)
 
 test: setup
 	$(PY) -m ruff check services tests bench
 	$(BUF) lint
+	$(BUF) breaking --against $(BASELINE)
 	$(PY) -m pytest -q
 
 run: setup
