@@ -2,15 +2,18 @@
 
 import importlib
 import json
+import os
 import re
 import shutil
 import subprocess
 import tomllib
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 import yaml
 
+from services.common.context import ADMIN_SCOPE, parse_principal
 from services.common.settings import ServiceSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,7 +21,19 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 ENVOY = DEPLOY / "envoy"
 PORTS = {"ingest": 50051, "embed": 50052, "llm": 50053, "sessions": 50054, "telemetry": 50055}
-SECRET = "ragmesh-secrets"
+# Every pod reads one Secret of its own (secret.example.yaml); envoy reads none.
+OWN_SECRET = {
+    **{name: f"ragmesh-{name}-secrets" for name in PORTS},
+    "postgres": "ragmesh-postgres-secrets",
+    "qdrant": "ragmesh-qdrant-secrets",
+}
+# The one entry each StatefulSet reads from its Secret.
+STORE_KEY = {"postgres": "POSTGRES_PASSWORD", "qdrant": "QDRANT__SERVICE__API_KEY"}
+# A user's calls reach these services (sessions forwards them to ingest and llm), so each
+# accepts every user key.
+USER_FACING = ("ingest", "llm", "sessions", "telemetry")
+# These call embed with their own RAGMESH_<SERVICE>_EMBED_API_KEY.
+EMBED_CALLERS = ("ingest", "sessions")
 
 
 def load_all(path: Path) -> list[dict]:
@@ -52,10 +67,79 @@ def config(k8s) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def secret() -> dict[str, str]:
-    (doc,) = load_all(K8S / "secret.example.yaml")
-    assert doc["kind"] == "Secret" and doc["metadata"]["name"] == SECRET
-    return doc["stringData"]
+def secrets() -> dict[str, dict[str, str]]:
+    """The Secrets of secret.example.yaml, by name: their stringData."""
+    docs = load_all(K8S / "secret.example.yaml")
+    assert all(doc["kind"] == "Secret" for doc in docs)
+    found = {doc["metadata"]["name"]: doc["stringData"] for doc in docs}
+    assert len(found) == len(docs), "a Secret is defined twice"
+    assert set(found) == set(OWN_SECRET.values())
+    return found
+
+
+def own_secret(secrets: dict[str, dict[str, str]], name: str) -> dict[str, str]:
+    return secrets[OWN_SECRET[name]]
+
+
+def api_keys(secrets: dict[str, dict[str, str]], name: str) -> dict[str, str]:
+    return json.loads(own_secret(secrets, name)[f"RAGMESH_{name.upper()}_API_KEYS"])
+
+
+def settings_class_of(name: str) -> type[ServiceSettings]:
+    try:
+        module = importlib.import_module(f"services.{name}.settings")
+    except ModuleNotFoundError:
+        pytest.skip(f"services/{name}/settings.py does not exist yet")
+    (settings_class,) = (
+        value
+        for value in vars(module).values()
+        if isinstance(value, type)
+        and issubclass(value, ServiceSettings)
+        and value is not ServiceSettings
+    )
+    return settings_class
+
+
+def workloads(k8s) -> dict[str, dict]:
+    """Every Deployment and StatefulSet (Envoy's included), by name."""
+    kinds = {"Deployment", "StatefulSet"}
+    found = {name: doc for (kind, name), doc in k8s.items() if kind in kinds}
+    assert set(found) == {*OWN_SECRET, "envoy"}
+    return found
+
+
+def secret_refs(workload: dict) -> dict[str, set[str] | None]:
+    """Secret name -> the entries a pod template reads from it (None: all of them)."""
+    spec = workload["spec"]["template"]["spec"]
+    refs: dict[str, set[str] | None] = {}
+
+    def add(name: str, key: str | None = None) -> None:
+        if key is None:
+            refs[name] = None
+        elif refs.get(name, set()) is not None:
+            refs.setdefault(name, set()).add(key)
+
+    for each in [*spec.get("initContainers", []), *spec["containers"]]:
+        for source in each.get("envFrom", []):
+            if "secretRef" in source:
+                add(source["secretRef"]["name"])
+        for variable in each.get("env", []):
+            if ref := variable.get("valueFrom", {}).get("secretKeyRef"):
+                add(ref["name"], ref["key"])
+    for volume in spec.get("volumes", []):
+        for source in [volume, *volume.get("projected", {}).get("sources", [])]:
+            if "secret" in source:
+                add(source["secret"].get("secretName") or source["secret"]["name"])
+    return refs
+
+
+def secret_values(workload: dict, secrets: dict[str, dict[str, str]]) -> dict[str, str]:
+    """Every Secret entry the pod sees, by name."""
+    seen = {}
+    for name, keys in secret_refs(workload).items():
+        data = secrets[name]
+        seen.update(data if keys is None else {key: data[key] for key in keys})
+    return seen
 
 
 @pytest.fixture(scope="module")
@@ -126,35 +210,127 @@ def test_termination_grace_exceeds_the_drain(k8s, config, name):
 
 
 @pytest.mark.parametrize("name", PORTS)
-def test_every_service_listens_on_the_pod_network_with_credentials(k8s, config, secret, name):
+def test_every_service_listens_on_the_pod_network_with_credentials(k8s, config, secrets, name):
     """Beyond loopback without API keys a service refuses to start."""
     assert config[f"RAGMESH_{name.upper()}_HOST"] == "0.0.0.0"
     sources = container(k8s[("Deployment", name)])["envFrom"]
-    assert {"secretRef": {"name": SECRET}} in sources
-    assert {"configMapRef": {"name": "ragmesh-config"}} in sources
-    keys = json.loads(secret[f"RAGMESH_{name.upper()}_API_KEYS"])
+    assert sources == [
+        {"configMapRef": {"name": "ragmesh-config"}},
+        {"secretRef": {"name": OWN_SECRET[name]}},
+    ]
+    keys = api_keys(secrets, name)
     assert keys and all(isinstance(value, str) for value in keys.values())
+    for principal in keys.values():
+        assert parse_principal(principal).tenant  # a key without a tenant stops the service
+
+
+def test_every_pod_refers_only_to_its_own_secret(k8s):
+    for name, workload in workloads(k8s).items():
+        refs = secret_refs(workload)
+        if name == "envoy":
+            assert refs == {}, name
+        elif name in STORE_KEY:
+            assert refs == {OWN_SECRET[name]: {STORE_KEY[name]}}, name
+        else:
+            assert refs == {OWN_SECRET[name]: None}, name
+
+
+def test_each_secret_holds_only_its_own_services_values(secrets):
+    for name, secret in OWN_SECRET.items():
+        if name in STORE_KEY:
+            assert set(secrets[secret]) == {STORE_KEY[name]}, secret
+        else:
+            prefix = f"RAGMESH_{name.upper()}_"
+            assert all(key.startswith(prefix) for key in secrets[secret]), secret
+
+
+def test_the_example_secrets_hold_only_placeholders(secrets):
+    """Nothing usable is committed, and each Secret lands in the namespace of its pods."""
+    for name, data in secrets.items():
+        for key, value in data.items():
+            assert "replace-with-" in value, (name, key)
+    for doc in load_all(K8S / "secret.example.yaml"):
+        assert doc["metadata"]["namespace"] == "ragmesh"
+        assert doc["type"] == "Opaque"
+
+
+def test_no_credential_reaches_a_pod_that_does_not_need_it(k8s, config, secrets):
+    postgres, qdrant = (own_secret(secrets, name)[key] for name, key in STORE_KEY.items())
+    needs = {
+        postgres: {"postgres", "ingest", "sessions"},
+        qdrant: {"qdrant", "ingest", "sessions"},
+        **{key: set(USER_FACING) for key in api_keys(secrets, "ingest")},
+    }
+    for caller in EMBED_CALLERS:
+        needs[own_secret(secrets, caller)[f"RAGMESH_{caller.upper()}_EMBED_API_KEY"]] = {
+            caller,
+            "embed",
+        }
+    seen = {name: secret_values(w, secrets) for name, w in workloads(k8s).items()}
+    text = {name: "\n".join(values.values()) for name, values in seen.items()}
+    for credential, pods in needs.items():
+        holders = {name for name in seen if credential in text[name]}
+        assert holders == pods, credential
+        # Every pod takes the whole ConfigMap.
+        assert credential not in "\n".join(config.values())
+    # For example: llm's pod sees neither the database nor Qdrant, embed no user key.
+    assert not any("DATABASE_URL" in key or "QDRANT" in key for key in seen["llm"])
+    assert set(api_keys(secrets, "embed")).isdisjoint(api_keys(secrets, "ingest"))
+
+
+def test_user_keys_are_the_same_wherever_a_users_call_reaches(secrets):
+    """The same keys and principals in ingest, llm, sessions and telemetry; admin only in llm."""
+    keys = {name: api_keys(secrets, name) for name in USER_FACING}
+    for name in USER_FACING:
+        assert set(keys[name]) == set(keys["ingest"]), name
+        for key, value in keys[name].items():
+            principal, first = parse_principal(value), parse_principal(keys["ingest"][key])
+            assert (principal.subject, principal.tenant) == (first.subject, first.tenant), name
+    # LoadModel, UnloadModel and UpdateGenerationConfig need admin: the operator's key has
+    # it in llm, ordinary user keys have no scope.
+    scopes = [parse_principal(value).scopes for value in keys["llm"].values()]
+    assert frozenset({ADMIN_SCOPE}) in scopes and frozenset() in scopes
+
+
+def test_services_that_call_embed_send_a_key_embed_accepts(config, secrets):
+    """ingest's background indexing calls embed with ingest's own key (sessions' likewise)."""
+    accepted = api_keys(secrets, "embed")
+    sent = {}
+    for caller in EMBED_CALLERS:
+        prefix = f"RAGMESH_{caller.upper()}_"
+        assert config[prefix + "EMBED_TARGET"] == f"embed:{PORTS['embed']}"
+        sent[caller] = own_secret(secrets, caller)[prefix + "EMBED_API_KEY"]
+        principal = parse_principal(accepted[sent[caller]])
+        assert principal.subject == caller and principal.tenant
+        assert not principal.scopes
+    # Each caller has a key of its own, and embed holds only theirs.
+    assert len(set(sent.values())) == len(sent)
+    assert set(accepted) == set(sent.values())
 
 
 @pytest.mark.parametrize("name", PORTS)
-def test_setting_names_exist_in_the_settings_class(config, secret, name):
-    """Each RAGMESH_<SERVICE>_* name in the ConfigMap and Secret is a field the service reads."""
-    try:
-        module = importlib.import_module(f"services.{name}.settings")
-    except ModuleNotFoundError:
-        pytest.skip(f"services/{name}/settings.py does not exist yet")
-    (settings_class,) = (
-        value
-        for value in vars(module).values()
-        if isinstance(value, type)
-        and issubclass(value, ServiceSettings)
-        and value is not ServiceSettings
-    )
+def test_setting_names_exist_in_the_settings_class(config, secrets, name):
+    """Each RAGMESH_<SERVICE>_* name in the ConfigMap and its Secret is a field it reads."""
+    settings_class = settings_class_of(name)
     prefix = f"RAGMESH_{name.upper()}_"
+    secret = own_secret(secrets, name)
     names = {
         key.removeprefix(prefix).lower() for key in {*config, *secret} if key.startswith(prefix)
     }
     assert names - set(settings_class.model_fields) == set()
+
+
+@pytest.mark.parametrize("name", PORTS)
+def test_each_service_starts_with_its_pods_environment(monkeypatch, config, secrets, name):
+    """The ConfigMap and the service's own Secret validate, credentials included."""
+    settings_class = settings_class_of(name)
+    for key in [key for key in os.environ if key.startswith("RAGMESH_")]:
+        monkeypatch.delenv(key)
+    for key, value in {**config, **own_secret(secrets, name)}.items():
+        monkeypatch.setenv(key, value)
+    settings = settings_class()
+    settings.check_exposure()
+    assert settings.auth_configured and not settings.auth_disabled
 
 
 def test_only_llm_asks_for_a_gpu_and_it_lands_on_gpu_nodes(k8s):
@@ -168,15 +344,20 @@ def test_only_llm_asks_for_a_gpu_and_it_lands_on_gpu_nodes(k8s):
     assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
 
 
-def test_databases_are_statefulsets_the_services_point_at(k8s, config, secret):
+def test_databases_are_statefulsets_the_services_point_at(k8s, config, secrets):
     for name in ("postgres", "qdrant"):
         assert k8s[("StatefulSet", name)]["spec"]["volumeClaimTemplates"]
         assert k8s[("Service", name)]["spec"]["clusterIP"] == "None"
     for name in ("ingest", "sessions"):
         prefix = f"RAGMESH_{name.upper()}_"
-        assert secret[prefix + "DATABASE_URL"].startswith("postgresql+asyncpg://")
-        assert "@postgres:5432/" in secret[prefix + "DATABASE_URL"]
+        secret = own_secret(secrets, name)
+        url = urlsplit(secret[prefix + "DATABASE_URL"])
+        assert url.scheme == "postgresql+asyncpg"
+        assert (url.hostname, url.port, url.path) == ("postgres", 5432, f"/{name}")
+        assert unquote(url.password) == own_secret(secrets, "postgres")["POSTGRES_PASSWORD"]
         assert config[prefix + "QDRANT_URL"] == "http://qdrant:6333"
+        qdrant_key = own_secret(secrets, "qdrant")["QDRANT__SERVICE__API_KEY"]
+        assert secret[prefix + "QDRANT_API_KEY"] == qdrant_key
         claim = k8s[("Deployment", name)]["spec"]["template"]["spec"]["volumes"][0]
         assert ("PersistentVolumeClaim", claim["persistentVolumeClaim"]["claimName"]) in k8s
 
@@ -281,6 +462,8 @@ def test_kustomize_builds_everything_into_the_namespace(built):
     for name in PORTS:
         assert {("Deployment", name), ("Service", name)} <= kinds
     assert ("Deployment", "envoy") in kinds
+    # The Secrets are applied on their own, never with defaults from the repository.
+    assert not any(kind == "Secret" for kind, _ in kinds)
     for doc in built:
         if doc["kind"] != "Namespace":
             assert doc["metadata"]["namespace"] == "ragmesh", doc["metadata"]["name"]
