@@ -8,13 +8,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ragmesh.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from services.common.server import RunningServer, ServiceSpec, create_server
+from services.common.text import Analyzer
 from services.ingest import storage
 from services.ingest.blobs import BlobStore
 from services.ingest.documents import Documents, JobSignals
 from services.ingest.embed_client import EmbedClient
 from services.ingest.index import LocalVectorIndex, QdrantVectorIndex, VectorIndex
 from services.ingest.search import Retrieval
-from services.ingest.search_index import Analyzer, SearchIndex
+from services.ingest.search_index import SearchIndex
 from services.ingest.servicer import IngestServicer
 from services.ingest.settings import IngestSettings
 from services.ingest.worker import WorkerPool

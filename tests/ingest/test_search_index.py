@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from services.ingest.search_index import Analyzer, Filter, IndexedChunk, SearchIndex
+from services.common.text import Analyzer
+from services.ingest.search_index import Filter, IndexedChunk, SearchIndex
 
 
 def unit(values) -> np.ndarray:
