@@ -228,7 +228,7 @@ class Documents:
         )
         await asyncio.to_thread(self._blobs.keep, writer, row.id)
         try:
-            async with self._sessions() as session, session.begin():
+            async with storage.writing(self._sessions) as session:
                 storage.add_document(session, row)
                 await storage.put_job(session, row.id, storage.JOB_INGEST)
         except IntegrityError:
@@ -359,7 +359,7 @@ class Documents:
 
     async def delete(self, tenant: str, document_id: str) -> None:
         """Marks the document DELETING (search skips it), then removes it everywhere."""
-        async with self._sessions() as session, session.begin():
+        async with storage.writing(self._sessions) as session:
             row = await self._require(session, tenant, document_id)
             await storage.set_status(session, row.id, storage.DELETING)
             await storage.put_job(session, row.id, storage.JOB_DELETE, delay=_DELETE_JOB_GRACE)
@@ -373,7 +373,7 @@ class Documents:
         self._search_index.remove_document(document_id)
         await self._index.delete_document(document_id)
         await asyncio.to_thread(self._blobs.delete, document_id)
-        async with self._sessions() as session, session.begin():
+        async with storage.writing(self._sessions) as session:
             await storage.delete_document_rows(session, document_id)
             await storage.finish_job(session, document_id, storage.JOB_DELETE)
         self._signals.changed(document_id)

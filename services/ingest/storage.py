@@ -1,7 +1,9 @@
 """SQL storage of documents, their text, chunks and jobs: models, engine, repositories."""
 
+import contextlib
 import datetime as dt
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from alembic import command
@@ -23,6 +25,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.ext.asyncio import (
@@ -37,6 +40,10 @@ from sqlalchemy.types import TypeDecorator
 _LOGGER = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# Execution option marking a connection's transaction as one that writes (see `writing`).
+_WRITE = "ragmesh_write"
+# PostgreSQL advisory lock taken around migrations (the bytes of "ingest" and a 1).
+_MIGRATION_LOCK_KEY = 0x696E6765737401
 
 PENDING = "PENDING"
 PARSING = "PARSING"
@@ -169,9 +176,13 @@ def create_engine(url: str) -> AsyncEngine:
 
         @event.listens_for(engine.sync_engine, "begin")
         def _sqlite_begin(connection):
-            # Take the write lock up front: a deferred transaction that later writes can
-            # fail with "database is locked" without waiting when another writer is active.
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            # A write transaction takes the write lock up front: a deferred one that later
+            # writes can fail with "database is locked" without waiting when another writer
+            # is active. Reads stay deferred, so WAL serves them beside a writer.
+            if connection.get_execution_options().get(_WRITE):
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                connection.exec_driver_sql("BEGIN")
 
         return engine
     return create_async_engine(url, pool_pre_ping=True)
@@ -181,8 +192,23 @@ def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
+@contextlib.asynccontextmanager
+async def writing(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """A session in a write transaction, committed on exit (rolled back on an error).
+
+    Reads use a plain `sessions()` session; every transaction that writes goes through
+    here, so on SQLite it holds the write lock from its first statement."""
+    async with sessions() as session, session.begin():
+        await session.connection(execution_options={_WRITE: True})
+        yield session
+
+
 async def migrate(engine: AsyncEngine) -> None:
-    """Brings the schema to the newest Alembic revision."""
+    """Brings the schema to the newest Alembic revision, one process at a time.
+
+    Replicas starting together queue on a lock held until the migration commits: a
+    PostgreSQL advisory lock, or SQLite's write lock (the transaction begins IMMEDIATE).
+    Each later one then finds the schema up to date."""
 
     def upgrade(connection) -> None:
         config = Config()
@@ -190,7 +216,11 @@ async def migrate(engine: AsyncEngine) -> None:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 
-    async with engine.begin() as connection:
+    async with engine.execution_options(**{_WRITE: True}).begin() as connection:
+        if connection.dialect.name == "postgresql":
+            await connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
+            )
         await connection.run_sync(upgrade)
 
 

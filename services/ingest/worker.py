@@ -71,7 +71,7 @@ class WorkerPool:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
-            async with self._sessions() as session, session.begin():
+            async with storage.writing(self._sessions) as session:
                 await storage.release_jobs(session, self._owner)
         except Exception:
             _LOGGER.warning("could not release job leases; they expire on their own", exc_info=True)
@@ -79,7 +79,7 @@ class WorkerPool:
     async def _run(self) -> None:
         while True:
             try:
-                async with self._sessions() as session, session.begin():
+                async with storage.writing(self._sessions) as session:
                     job = await storage.claim_job(
                         session, self._owner, self._settings.job_lease_seconds
                     )
@@ -126,7 +126,7 @@ class WorkerPool:
         while True:
             await asyncio.sleep(interval)
             with contextlib.suppress(Exception):
-                async with self._sessions() as session, session.begin():
+                async with storage.writing(self._sessions) as session:
                     await storage.renew_lease(
                         session, document_id, self._owner, self._settings.job_lease_seconds
                     )
@@ -162,12 +162,12 @@ class WorkerPool:
         await self._retry(job, delay)
 
     async def _retry(self, job: JobRow, delay: float) -> None:
-        async with self._sessions() as session, session.begin():
+        async with storage.writing(self._sessions) as session:
             await storage.retry_job(session, job.document_id, self._owner, delay)
 
     async def _fail(self, document_id: str, reason: str) -> None:
         _LOGGER.info("document %s failed: %s", document_id, reason)
-        async with self._sessions() as session, session.begin():
+        async with storage.writing(self._sessions) as session:
             await storage.set_status(
                 session, document_id, storage.FAILED, expect=_ACTIVE, error=reason
             )
@@ -175,7 +175,7 @@ class WorkerPool:
         self._signals.changed(document_id)
 
     async def _move(self, document_id: str, status: str, **values) -> None:
-        async with self._sessions() as session, session.begin():
+        async with storage.writing(self._sessions) as session:
             if not await storage.set_status(session, document_id, status, expect=_ACTIVE, **values):
                 raise _Gone
         self._signals.changed(document_id)
@@ -185,7 +185,7 @@ class WorkerPool:
         async with self._sessions() as session:
             row = await session.get(storage.DocumentRow, document_id)
         if row is None or row.status not in _ACTIVE:
-            async with self._sessions() as session, session.begin():
+            async with storage.writing(self._sessions) as session:
                 await storage.finish_job(session, document_id, storage.JOB_INGEST)
             return
         path = self._blobs.path(document_id)
@@ -200,7 +200,7 @@ class WorkerPool:
             max_docx_bytes=settings.max_docx_uncompressed_bytes,
             max_chars=settings.max_text_chars,
         )
-        async with self._sessions() as session, session.begin():
+        async with storage.writing(self._sessions) as session:
             await storage.put_text(session, document_id, parsed.text)
             if not await storage.set_status(
                 session, document_id, storage.CHUNKING, expect=_ACTIVE, page_count=parsed.page_count
@@ -281,7 +281,7 @@ class WorkerPool:
         # Searchable before READY commits, so a caller who sees READY finds the chunks;
         # until then search drops them, as it reads every hit back from READY rows.
         await self._retrieval.add_chunks(document_id, chunks, row.mime_type, row.tags)
-        async with self._sessions() as session, session.begin():
+        async with storage.writing(self._sessions) as session:
             await storage.replace_chunks(session, document_id, chunks)
             if not await storage.set_status(
                 session,
