@@ -361,20 +361,26 @@ class Documents:
         """Marks the document DELETING (search skips it), then removes it everywhere."""
         async with storage.writing(self._sessions) as session:
             row = await self._require(session, tenant, document_id)
-            await storage.set_status(session, row.id, storage.DELETING)
+            # The job row first, as workers lock it first: no lock-order deadlock.
             await storage.put_job(session, row.id, storage.JOB_DELETE, delay=_DELETE_JOB_GRACE)
+            await storage.set_status(session, row.id, storage.DELETING)
         self._search_index.remove_document(row.id)
         self._signals.changed(row.id)
         await self._signals.stop_processing(row.id)
         await self.finish_delete(row.id)
 
-    async def finish_delete(self, document_id: str) -> None:
-        """Removes vectors, bytes and rows, in that order; safe to repeat after a crash."""
+    async def finish_delete(self, document_id: str, owner: str = "") -> None:
+        """Removes vectors, bytes and rows, in that order; safe to repeat after a crash.
+
+        A worker passes the owner of its lease on the delete job: the rows go only while
+        it still holds it. DeleteDocument itself passes none."""
         self._search_index.remove_document(document_id)
         await self._index.delete_document(document_id)
         await asyncio.to_thread(self._blobs.delete, document_id)
         async with storage.writing(self._sessions) as session:
+            if owner:
+                await storage.hold_job(session, document_id, storage.JOB_DELETE, owner)
+            await storage.finish_job(session, document_id, storage.JOB_DELETE, owner)
             await storage.delete_document_rows(session, document_id)
-            await storage.finish_job(session, document_id, storage.JOB_DELETE)
         self._signals.changed(document_id)
         _LOGGER.info("deleted document %s", document_id)

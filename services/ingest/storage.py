@@ -388,6 +388,11 @@ async def chunks_at(session: AsyncSession, places: set[tuple[str, int]]) -> dict
 # Jobs
 
 
+class LeaseLost(Exception):
+    """The job is no longer this worker's (taken over after its lease ran out, replaced by
+    a delete, or finished): its results are not this worker's to write."""
+
+
 async def put_job(
     session: AsyncSession, document_id: str, kind: str, *, delay: float = 0.0
 ) -> None:
@@ -409,7 +414,10 @@ async def put_job(
 
 
 async def claim_job(session: AsyncSession, owner: str, lease_seconds: float) -> JobRow | None:
-    """Takes the oldest due job nobody holds a live lease on; safe across replicas."""
+    """Takes the oldest due job nobody holds a live lease on; safe across replicas.
+
+    The claim counts as an attempt, so work that never ends (a file that kills the
+    process) runs out of attempts like work that fails."""
     now = utcnow()
     free = or_(JobRow.lease_until.is_(None), JobRow.lease_until < now)
     candidates = await session.scalars(
@@ -423,7 +431,7 @@ async def claim_job(session: AsyncSession, owner: str, lease_seconds: float) -> 
         result = await session.execute(
             update(JobRow)
             .where(JobRow.document_id == document_id, free)
-            .values(lease_owner=owner, lease_until=lease_until)
+            .values(lease_owner=owner, lease_until=lease_until, attempts=JobRow.attempts + 1)
             .execution_options(synchronize_session=False)
         )
         if result.rowcount == 1:
@@ -431,30 +439,47 @@ async def claim_job(session: AsyncSession, owner: str, lease_seconds: float) -> 
     return None
 
 
+def _owned(document_id: str, kind: str, owner: str):
+    return and_(JobRow.document_id == document_id, JobRow.kind == kind, JobRow.lease_owner == owner)
+
+
 async def renew_lease(
-    session: AsyncSession, document_id: str, owner: str, lease_seconds: float
+    session: AsyncSession, document_id: str, kind: str, owner: str, lease_seconds: float
 ) -> bool:
+    """Extends the lease; False when the job is no longer this owner's."""
     result = await session.execute(
         update(JobRow)
-        .where(JobRow.document_id == document_id, JobRow.lease_owner == owner)
+        .where(_owned(document_id, kind, owner))
         .values(lease_until=utcnow() + dt.timedelta(seconds=lease_seconds))
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1
 
 
-async def finish_job(session: AsyncSession, document_id: str, kind: str) -> None:
-    await session.execute(
-        delete(JobRow).where(JobRow.document_id == document_id, JobRow.kind == kind)
+async def hold_job(session: AsyncSession, document_id: str, kind: str, owner: str) -> None:
+    """Raises LeaseLost unless owner still holds the job; else locks the job row until the
+    transaction ends, so no one takes the job over before this transaction's writes commit.
+    Every write of a job's results starts with it."""
+    held = await session.scalar(
+        select(JobRow.document_id).where(_owned(document_id, kind, owner)).with_for_update()
     )
+    if held is None:
+        raise LeaseLost(document_id)
 
 
-async def retry_job(session: AsyncSession, document_id: str, owner: str, delay: float) -> None:
+async def finish_job(session: AsyncSession, document_id: str, kind: str, owner: str) -> None:
+    """Removes the job if owner holds it ("" for a job no worker has taken)."""
+    await session.execute(delete(JobRow).where(_owned(document_id, kind, owner)))
+
+
+async def retry_job(
+    session: AsyncSession, document_id: str, kind: str, owner: str, delay: float
+) -> None:
+    """Hands the job back to run again after delay (its attempt was counted at claim)."""
     await session.execute(
         update(JobRow)
-        .where(JobRow.document_id == document_id, JobRow.lease_owner == owner)
+        .where(_owned(document_id, kind, owner))
         .values(
-            attempts=JobRow.attempts + 1,
             run_after=utcnow() + dt.timedelta(seconds=delay),
             lease_owner="",
             lease_until=None,
@@ -463,12 +488,13 @@ async def retry_job(session: AsyncSession, document_id: str, owner: str, delay: 
     )
 
 
-async def release_jobs(session: AsyncSession, owner: str) -> None:
-    """Hands this process's jobs back at shutdown so a restart takes them at once."""
+async def release_jobs(session: AsyncSession, owners: list[str]) -> None:
+    """Hands this process's jobs back at shutdown so a restart takes them at once; an
+    attempt cut short by a shutdown is not the document's fault, so it is not counted."""
     await session.execute(
         update(JobRow)
-        .where(JobRow.lease_owner == owner)
-        .values(lease_owner="", lease_until=None)
+        .where(JobRow.lease_owner.in_(owners))
+        .values(lease_owner="", lease_until=None, attempts=JobRow.attempts - 1)
         .execution_options(synchronize_session=False)
     )
 

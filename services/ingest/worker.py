@@ -29,12 +29,16 @@ _CHUNK_NAMESPACE = uuid.UUID("5b0f6c1e-8f43-4f5e-9d0a-3c7f2f1d9e41")
 
 
 class _Gone(Exception):
-    """The document was deleted while it was being processed."""
+    """The document left the processing states while it was being processed."""
 
 
 def chunk_id(document_id: str, index: int) -> str:
     """Stable per position, so a retried job overwrites its own vectors instead of adding."""
     return str(uuid.uuid5(_CHUNK_NAMESPACE, f"{document_id}:{index}"))
+
+
+def _attempts(count: int) -> str:
+    return f"{count} attempt" if count == 1 else f"{count} attempts"
 
 
 class WorkerPool:
@@ -57,13 +61,15 @@ class WorkerPool:
         self._embed = embed
         self._signals = signals
         self._retrieval = retrieval
-        self._owner = f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        process = f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # One lease owner per worker, so a job one of them lost is not another's to finish.
+        self._owners = [f"{process}-{n}" for n in range(settings.workers)]
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
         self._tasks = [
-            asyncio.create_task(self._run(), name=f"ingest-worker-{n}")
-            for n in range(self._settings.workers)
+            asyncio.create_task(self._run(owner), name=f"ingest-worker-{n}")
+            for n, owner in enumerate(self._owners)
         ]
 
     async def close(self) -> None:
@@ -72,20 +78,15 @@ class WorkerPool:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
             async with storage.writing(self._sessions) as session:
-                await storage.release_jobs(session, self._owner)
+                await storage.release_jobs(session, self._owners)
         except Exception:
             _LOGGER.warning("could not release job leases; they expire on their own", exc_info=True)
 
-    async def _run(self) -> None:
+    async def _run(self, owner: str) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            try:
-                async with storage.writing(self._sessions) as session:
-                    job = await storage.claim_job(
-                        session, self._owner, self._settings.job_lease_seconds
-                    )
-            except Exception:
-                _LOGGER.exception("could not take a job; retrying")
-                job = None
+            claimed_at = loop.time()
+            job = await self._claim(owner)
             if job is None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
@@ -93,67 +94,141 @@ class WorkerPool:
                     )
                 self._signals.queued.clear()
                 continue
-            task = asyncio.create_task(self._execute(job))
-            self._signals.running[job.document_id] = task
+            work = asyncio.create_task(self._execute(job))
+            self._signals.running[job.document_id] = work
+            keeper = asyncio.create_task(self._keep_lease(job, claimed_at))
             try:
-                # wait(), not await: a delete cancels the job, which must not end this loop.
-                await asyncio.wait({task})
+                # wait(), not await: a delete cancels the work, which must not end this loop.
+                await asyncio.wait({work, keeper}, return_when=asyncio.FIRST_COMPLETED)
+                if not work.done():
+                    # The lease is lost: stop, and leave the job to whoever holds it now.
+                    work.cancel()
+                    await asyncio.wait({work})
+                    await self._let_go(job.document_id)
             except asyncio.CancelledError:
-                task.cancel()
-                await asyncio.wait({task})
+                work.cancel()
+                await asyncio.wait({work})
                 raise
             finally:
-                self._signals.running.pop(job.document_id, None)
+                keeper.cancel()
+                if self._signals.running.get(job.document_id) is work:
+                    del self._signals.running[job.document_id]
+
+    async def _claim(self, owner: str) -> JobRow | None:
+        try:
+            async with storage.writing(self._sessions) as session:
+                return await storage.claim_job(session, owner, self._settings.job_lease_seconds)
+        except Exception:
+            _LOGGER.exception("could not take a job; retrying")
+            return None
+
+    async def _keep_lease(self, job: JobRow, claimed_at: float) -> None:
+        """Renews the job's lease; returns once it is lost: taken over, or not renewed
+        before it ran out (another worker may have taken the job since)."""
+        seconds = self._settings.job_lease_seconds
+        loop = asyncio.get_running_loop()
+        expires = claimed_at + seconds
+        while True:
+            await asyncio.sleep(seconds / 3)
+            started = loop.time()
+            try:
+                async with asyncio.timeout_at(expires), storage.writing(self._sessions) as session:
+                    renewed = await storage.renew_lease(
+                        session, job.document_id, job.kind, job.lease_owner, seconds
+                    )
+            except Exception:
+                if loop.time() >= expires:
+                    _LOGGER.warning(
+                        "could not renew the lease on document %s before it ran out; "
+                        "stopping work on it",
+                        job.document_id,
+                        exc_info=True,
+                    )
+                    return
+                _LOGGER.warning(
+                    "renewing the lease on document %s failed; retrying",
+                    job.document_id,
+                    exc_info=True,
+                )
+                continue
+            if not renewed:
+                _LOGGER.warning(
+                    "the job on document %s is no longer this worker's; stopping work on it",
+                    job.document_id,
+                )
+                return
+            expires = started + seconds
 
     async def _execute(self, job: JobRow) -> None:
-        renewer = asyncio.create_task(self._renew(job.document_id))
         try:
             if job.kind == storage.JOB_DELETE:
-                await self._documents.finish_delete(job.document_id)
+                await self._delete(job)
             else:
                 await self._ingest_safely(job)
+        except (storage.LeaseLost, _Gone):
+            await self._let_go(job.document_id)
         except asyncio.CancelledError:
             _LOGGER.info("stopped work on document %s", job.document_id)
         except Exception:
-            # Only deletes get here (ingest handles its own errors): never give up on them.
+            # Recording the outcome failed (the database is unreachable): the lease runs
+            # out and the job is taken again.
+            _LOGGER.exception("work on document %s stopped; it runs again", job.document_id)
+
+    async def _delete(self, job: JobRow) -> None:
+        try:
+            await self._documents.finish_delete(job.document_id, job.lease_owner)
+        except storage.LeaseLost:
+            raise
+        except Exception:
+            # Never give up on a delete.
             _LOGGER.exception("deleting document %s failed; retrying", job.document_id)
             await self._retry(job, 5.0)
-        finally:
-            renewer.cancel()
 
-    async def _renew(self, document_id: str) -> None:
-        interval = self._settings.job_lease_seconds / 3
-        while True:
-            await asyncio.sleep(interval)
-            with contextlib.suppress(Exception):
-                async with storage.writing(self._sessions) as session:
-                    await storage.renew_lease(
-                        session, document_id, self._owner, self._settings.job_lease_seconds
-                    )
-
-    async def _ingest_safely(self, job: JobRow) -> None:
-        document_id = job.document_id
+    async def _let_go(self, document_id: str) -> None:
+        """After losing a job: if its document was deleted meanwhile, removes what this
+        worker may have indexed after the delete did; else leaves all to the new owner."""
         try:
-            await self._ingest(document_id)
-        except _Gone:
+            async with self._sessions() as session:
+                row = await session.get(storage.DocumentRow, document_id)
+            if row is not None and row.status != storage.DELETING:
+                _LOGGER.info("document %s is in other hands now; leaving it", document_id)
+                return
             _LOGGER.info("document %s was deleted while being processed", document_id)
             self._retrieval.remove_document(document_id)
             await self._index.delete_document(document_id)
+        except Exception:
+            _LOGGER.exception("cleaning up after deleted document %s failed", document_id)
+
+    async def _ingest_safely(self, job: JobRow) -> None:
+        document_id = job.document_id
+        if job.attempts > self._settings.job_max_attempts:
+            # Every attempt so far was counted when it was claimed, and the last one never
+            # reported back: the process stopped while working on this file.
+            await self._fail(
+                job,
+                f"gave up after {_attempts(self._settings.job_max_attempts)}; the last one "
+                "stopped before it finished (the service may have crashed on this file)",
+            )
+            return
+        try:
+            await self._ingest(job)
+        except (storage.LeaseLost, _Gone):
+            raise
         except ParseError as exc:
-            await self._fail(document_id, str(exc))
+            await self._fail(job, str(exc))
         except (Unavailable, DeadlineExceeded) as exc:
             await self._retry_or_fail(job, exc.message)
         except ServiceError as exc:
-            await self._fail(document_id, exc.message)
+            await self._fail(job, exc.message)
         except Exception:
             _LOGGER.exception("processing document %s failed unexpectedly", document_id)
             await self._retry_or_fail(job, "an internal error stopped processing (see the log)")
 
     async def _retry_or_fail(self, job: JobRow, reason: str) -> None:
         """Transient trouble gets retries with backoff, then a FAILED document that says why."""
-        attempts = job.attempts + 1
+        attempts = job.attempts
         if attempts >= self._settings.job_max_attempts:
-            await self._fail(job.document_id, f"{reason} (gave up after {attempts} attempts)")
+            await self._fail(job, f"{reason} (gave up after {_attempts(attempts)})")
             return
         delay = min(2.0**attempts, 60.0)
         _LOGGER.warning(
@@ -161,38 +236,50 @@ class WorkerPool:
         )
         await self._retry(job, delay)
 
+    @staticmethod
+    async def _hold(session: AsyncSession, job: JobRow) -> None:
+        await storage.hold_job(session, job.document_id, job.kind, job.lease_owner)
+
     async def _retry(self, job: JobRow, delay: float) -> None:
         async with storage.writing(self._sessions) as session:
-            await storage.retry_job(session, job.document_id, self._owner, delay)
+            await self._hold(session, job)
+            await storage.retry_job(session, job.document_id, job.kind, job.lease_owner, delay)
 
-    async def _fail(self, document_id: str, reason: str) -> None:
+    async def _fail(self, job: JobRow, reason: str) -> None:
+        document_id = job.document_id
         _LOGGER.info("document %s failed: %s", document_id, reason)
         async with storage.writing(self._sessions) as session:
+            await self._hold(session, job)
             await storage.set_status(
                 session, document_id, storage.FAILED, expect=_ACTIVE, error=reason
             )
-            await storage.finish_job(session, document_id, storage.JOB_INGEST)
+            await storage.finish_job(session, document_id, storage.JOB_INGEST, job.lease_owner)
         self._signals.changed(document_id)
 
-    async def _move(self, document_id: str, status: str, **values) -> None:
+    async def _move(self, job: JobRow, status: str, **values) -> None:
         async with storage.writing(self._sessions) as session:
-            if not await storage.set_status(session, document_id, status, expect=_ACTIVE, **values):
+            await self._hold(session, job)
+            if not await storage.set_status(
+                session, job.document_id, status, expect=_ACTIVE, **values
+            ):
                 raise _Gone
-        self._signals.changed(document_id)
+        self._signals.changed(job.document_id)
 
-    async def _ingest(self, document_id: str) -> None:
+    async def _ingest(self, job: JobRow) -> None:
         settings = self._settings
+        document_id = job.document_id
         async with self._sessions() as session:
             row = await session.get(storage.DocumentRow, document_id)
         if row is None or row.status not in _ACTIVE:
             async with storage.writing(self._sessions) as session:
-                await storage.finish_job(session, document_id, storage.JOB_INGEST)
+                await self._hold(session, job)
+                await storage.finish_job(session, document_id, storage.JOB_INGEST, job.lease_owner)
             return
         path = self._blobs.path(document_id)
         if not path.exists():
             raise ParseError("the stored file is missing; upload the document again")
 
-        await self._move(document_id, storage.PARSING)
+        await self._move(job, storage.PARSING)
         parsed = await asyncio.to_thread(
             parse,
             path,
@@ -201,6 +288,7 @@ class WorkerPool:
             max_chars=settings.max_text_chars,
         )
         async with storage.writing(self._sessions) as session:
+            await self._hold(session, job)
             await storage.put_text(session, document_id, parsed.text)
             if not await storage.set_status(
                 session, document_id, storage.CHUNKING, expect=_ACTIVE, page_count=parsed.page_count
@@ -222,7 +310,7 @@ class WorkerPool:
         if not plan:
             raise ParseError("no text found in the file")
 
-        await self._move(document_id, storage.EMBEDDING)
+        await self._move(job, storage.EMBEDDING)
         collection = collection_name(model.name, model.dimension)
         await self._index.ensure_collection(collection, model.dimension)
         texts = [parsed.text[spec.start : spec.end] for spec in plan]
@@ -282,6 +370,7 @@ class WorkerPool:
         # until then search drops them, as it reads every hit back from READY rows.
         await self._retrieval.add_chunks(document_id, chunks, row.mime_type, row.tags)
         async with storage.writing(self._sessions) as session:
+            await self._hold(session, job)
             await storage.replace_chunks(session, document_id, chunks)
             if not await storage.set_status(
                 session,
@@ -292,6 +381,6 @@ class WorkerPool:
                 error="",
             ):
                 raise _Gone
-            await storage.finish_job(session, document_id, storage.JOB_INGEST)
+            await storage.finish_job(session, document_id, storage.JOB_INGEST, job.lease_owner)
         self._signals.changed(document_id)
         _LOGGER.info("document %s ready: %d chunks", document_id, len(chunks))

@@ -2,13 +2,12 @@
 ingest server per database backend."""
 
 import asyncio
-import glob
 import io
 import itertools
+import json
 import os
-import shutil
 import socket
-import tempfile
+import sys
 import zipfile
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from ragmesh.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from services.common.clients import wait_until_serving
 from services.embed.app import start as start_embed
 from services.embed.model import load_model
 from services.embed.settings import EmbedSettings
@@ -31,6 +31,7 @@ TERMINAL = {
 }
 API_KEYS = {f"key-{n}": f"user-{n}:tenant-{n}" for n in range(400)}
 _next_key = itertools.count()
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
@@ -42,51 +43,6 @@ async def embed_server(tmp_path_factory):
     yield f"127.0.0.1:{app.server.port}"
     await app.server.stop(0)
     await app.close()
-
-
-@pytest.fixture(scope="session")
-def postgres():
-    """A throwaway PostgreSQL server; yields a function that creates a fresh database."""
-    from pytest_postgresql.executors import PostgreSQLExecutor
-    from pytest_postgresql.janitor import DatabaseJanitor
-
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
-    if not found:
-        pytest.skip("PostgreSQL server binaries not installed (make setup installs them)")
-    base = Path(tempfile.mkdtemp(prefix="ragmesh-pg-"))
-    executable = found[-1]
-    if os.geteuid() == 0:
-        # PostgreSQL refuses to run as root: run pg_ctl as the postgres user instead.
-        base.chmod(0o755)
-        shutil.chown(base, "postgres")
-        wrapper = base / "pg_ctl"
-        wrapper.write_text(f'#!/bin/sh\nexec runuser -u postgres -- {executable} "$@"\n')
-        wrapper.chmod(0o755)
-        executable = str(wrapper)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    executor = PostgreSQLExecutor(
-        executable=executable,
-        host="127.0.0.1",
-        port=port,
-        datadir=str(base / "data"),
-        unixsocketdir=str(base),
-        logfile=str(base / "postgres.log"),
-        startparams="-w",
-        dbname="postgres",
-    )
-    names = itertools.count()
-    with executor:
-        executor.wait_for_postgres()
-
-        def create_database() -> str:
-            name = f"ingest_{next(names)}"
-            DatabaseJanitor(user="postgres", host="127.0.0.1", port=port, dbname=name).init()
-            return f"postgresql+asyncpg://postgres@127.0.0.1:{port}/{name}"
-
-        yield create_database
-    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])
@@ -128,6 +84,123 @@ async def ingest_app(make_settings, tmp_path_factory, backend):
     yield app
     await app.server.stop(0)
     await app.close()
+
+
+class EmbedProxy:
+    """A real gRPC server in front of the embed service, which a test can hold or fail.
+
+    Embed calls wait while `gate` is clear (`held` is set once one waits, `cancelled` once
+    its caller gives up on it); once `fail_after` Embed calls have been answered, later
+    ones fail with INVALID_ARGUMENT. Everything else passes through unchanged."""
+
+    SERVICE = "ragmesh.embed.v1.EmbedService"
+
+    def __init__(self, target: str) -> None:
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.held = asyncio.Event()
+        self.cancelled = asyncio.Event()
+        self.answered = 0
+        self.fail_after: int | None = None
+        self._channel = grpc.aio.insecure_channel(target)
+        self._server = grpc.aio.server()
+        handlers = {
+            method: grpc.unary_unary_rpc_method_handler(self._forward(method))
+            for method in ("Embed", "Tokenize", "GetModelInfo")
+        }
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(self.SERVICE, handlers),)
+        )
+        self.target = f"127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
+
+    def _forward(self, method: str):
+        upstream = self._channel.unary_unary(f"/{self.SERVICE}/{method}")
+
+        async def handle(request: bytes, context) -> bytes:
+            if method != "Embed":
+                return await upstream(request)
+            if self.fail_after is not None and self.answered >= self.fail_after:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "refused by the test")
+            if not self.gate.is_set():
+                self.held.set()
+                try:
+                    await self.gate.wait()
+                except asyncio.CancelledError:
+                    self.cancelled.set()
+                    raise
+            reply = await upstream(request)
+            self.answered += 1
+            return reply
+
+        return handle
+
+    async def start(self) -> None:
+        await self._server.start()
+
+    async def close(self) -> None:
+        await self._server.stop(0)
+        await self._channel.close()
+
+
+@pytest.fixture
+async def embed_proxy(embed_server):
+    proxy = EmbedProxy(embed_server)
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
+class IngestProcess:
+    """The ingest service in a process of its own (`python -m services.ingest`), so a test
+    can kill it the way a crash or the kernel's OOM killer does: no shutdown, no cleanup."""
+
+    def __init__(self, settings: IngestSettings, log: Path) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.target = f"127.0.0.1:{port}"
+        self._env = {**os.environ, "RAGMESH_INGEST_PORT": str(port)}
+        for name, value in settings.model_dump(mode="json", exclude={"port"}).items():
+            if value is not None:
+                text = json.dumps(value) if isinstance(value, dict | list | bool) else str(value)
+                self._env[f"RAGMESH_INGEST_{name.upper()}"] = text
+        self._log = log
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> str:
+        with self._log.open("ab") as log:
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "services.ingest",
+                cwd=REPO_ROOT,
+                env=self._env,
+                stdout=log,
+                stderr=log,
+            )
+        process = self._process
+        await wait_until_serving(self.target, 60, lambda: process.returncode is None)
+        return self.target
+
+    async def kill(self) -> None:
+        """SIGKILL: the process gets no chance to hand its job leases back."""
+        if self._process is not None and self._process.returncode is None:
+            self._process.kill()
+            await self._process.wait()
+
+
+@pytest.fixture
+async def ingest_process():
+    """Makes IngestProcess objects; any still running at the end of the test is killed."""
+    made: list[IngestProcess] = []
+
+    def make(settings: IngestSettings, log: Path) -> IngestProcess:
+        made.append(IngestProcess(settings, log))
+        return made[-1]
+
+    yield make
+    for process in made:
+        await process.kill()
 
 
 class Client:
