@@ -1,10 +1,13 @@
 """Documents end to end through real servers: upload, watch, text, chunks, list, delete."""
 
+import asyncio
+
 import grpc
 import pytest
 from sqlalchemy import func, select
 
 from ragmesh.ingest.v1 import ingest_pb2
+from services.ingest.app import start
 from services.ingest.storage import ChunkRow, DocumentRow, JobRow
 
 STATUS = ingest_pb2.DocumentStatus
@@ -262,14 +265,33 @@ async def test_delete_removes_rows_chunks_vectors_and_bytes(client, ingest_app, 
     assert not again.duplicate and again.document.id != document.id
 
 
-async def test_delete_during_processing_leaves_no_vectors(client, ingest_app, eventually):
-    big = "\n\n".join(f"Sentence {n} about the pipeline being deleted." for n in range(300))
-    upload = await client.upload("busy.txt", big.encode())
-    await client.call("DeleteDocument", document_id=upload.document.id)
-    # Whatever a worker was doing, nothing of the document may remain or come back.
-    with pytest.raises(grpc.aio.AioRpcError):
-        await client.call("GetDocument", document_id=upload.document.id)
-    assert await ingest_app.index.count_document(upload.document.id) == 0
-    healthy = await client.ingest("after.txt", b"still working after a delete")
-    assert healthy.status == STATUS.Value("DOCUMENT_STATUS_READY")
-    assert await ingest_app.index.count_document(upload.document.id) == 0
+async def test_delete_during_processing_leaves_no_vectors(
+    make_settings, tmp_path, embed_proxy, new_client
+):
+    app = await start(make_settings(tmp_path, embed_target=embed_proxy.target))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}") as channel:
+            client = new_client(channel)
+            big = "\n\n".join(f"Sentence {n} about the pipeline being deleted." for n in range(300))
+            embed_proxy.gate.clear()
+            upload = await client.upload("busy.txt", big.encode())
+            # A worker is inside the document's first Embed call, holding its job.
+            async with asyncio.timeout(60):
+                await embed_proxy.held.wait()
+            busy = (await client.call("GetDocument", document_id=upload.document.id)).document
+            assert busy.status == STATUS.Value("DOCUMENT_STATUS_EMBEDDING")
+            await client.call("DeleteDocument", document_id=upload.document.id)
+            embed_proxy.gate.set()
+            # Whatever the worker was doing, nothing of the document may remain or come back.
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await client.call("GetDocument", document_id=upload.document.id)
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+            assert await app.index.count_document(upload.document.id) == 0
+            healthy = await client.ingest("after.txt", b"still working after a delete")
+            assert healthy.status == STATUS.Value("DOCUMENT_STATUS_READY")
+            assert await app.index.count_document(upload.document.id) == 0
+            async with app.documents._sessions() as session:
+                assert await session.get(JobRow, upload.document.id) is None
+    finally:
+        await app.server.stop(0)
+        await app.close()
