@@ -1,4 +1,5 @@
-"""Starts the ingest service: database and migrations, blobs, Qdrant, workers, server."""
+"""Starts the ingest service: database and migrations, blobs, Qdrant, server, search index
+and workers."""
 
 import asyncio
 import logging
@@ -44,7 +45,9 @@ class IngestApp:
         await self.engine.dispose()
 
 
-async def start(settings: IngestSettings) -> IngestApp:
+async def start(settings: IngestSettings, *, search_index: SearchIndex | None = None) -> IngestApp:
+    """Returns once the service is ready; it answers health checks from before the search
+    index (search_index, a fresh one by default) is loaded."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = storage.create_engine(settings.resolved_database_url)
     try:
@@ -55,7 +58,8 @@ async def start(settings: IngestSettings) -> IngestApp:
     sessions = storage.sessionmaker(engine)
     blobs = BlobStore(settings.resolved_blob_dir)
     blobs.open()
-    search_index = SearchIndex(Analyzer())
+    if search_index is None:
+        search_index = SearchIndex(Analyzer())
     index: VectorIndex
     if settings.qdrant_url:
         index = QdrantVectorIndex(settings.qdrant_url, settings.qdrant_api_key)
@@ -76,8 +80,6 @@ async def start(settings: IngestSettings) -> IngestApp:
         rrf_k=settings.rrf_k,
         keep_vectors_in_memory=not settings.qdrant_url,
     )
-    chunks = await retrieval.load()
-    _LOGGER.info("search index holds %d chunks", chunks)
     signals = JobSignals()
     documents = Documents(
         sessions,
@@ -95,6 +97,17 @@ async def start(settings: IngestSettings) -> IngestApp:
         [ServiceSpec(SERVICE_NAME, servicer, ingest_pb2_grpc.add_IngestServiceServicer_to_server)],
         serving=False,
     )
+    # Alive from here (the "liveness" health name), ready only once the search index is
+    # loaded, which takes minutes on a large corpus: a liveness probe must not restart it.
+    try:
+        chunks = await retrieval.load()
+    except BaseException:
+        await running.stop(0)
+        await embed.close()
+        await index.close()
+        await engine.dispose()
+        raise
+    _LOGGER.info("search index holds %d chunks", chunks)
     workers.start()
     syncer = asyncio.create_task(_keep_in_sync(retrieval, settings.index_sync_seconds))
     await running.set_serving(True)
