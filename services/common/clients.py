@@ -47,13 +47,8 @@ RETRY_SERVICE_CONFIG = json.dumps(
 StubT = TypeVar("StubT")
 
 
-class _ForwardingInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """Adds the incoming call's authorization and request id, and bounds the timeout."""
+class _Forwarding:
+    """Adds the call's authorization and request id, and bounds the timeout."""
 
     def __init__(self, default_timeout: float, api_key: str, forward_caller: bool) -> None:
         self._default_timeout = default_timeout
@@ -82,15 +77,25 @@ class _ForwardingInterceptor(
             details.method, timeout, metadata, details.credentials, details.wait_for_ready
         )
 
+
+# A channel files each interceptor under the first kind it implements, so each kind of
+# call needs an interceptor object of its own.
+class _ForwardUnaryUnary(_Forwarding, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, client_call_details, request):
         return await continuation(self._details(client_call_details), request)
 
+
+class _ForwardUnaryStream(_Forwarding, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, client_call_details, request):
         return await continuation(self._details(client_call_details), request)
 
+
+class _ForwardStreamUnary(_Forwarding, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
         return await continuation(self._details(client_call_details), request_iterator)
 
+
+class _ForwardStreamStream(_Forwarding, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
         return await continuation(self._details(client_call_details), request_iterator)
 
@@ -107,7 +112,15 @@ def open_channel(
     """A channel to target. api_key is the service's own credential; with forward_caller
     the caller's credentials are sent instead while serving a call. Calls are traced
     through tracer_provider, by default the process's (see tracing.configure_tracing)."""
-    interceptors: list = [_ForwardingInterceptor(default_timeout, api_key, forward_caller)]
+    interceptors: list = [
+        kind(default_timeout, api_key, forward_caller)
+        for kind in (
+            _ForwardUnaryUnary,
+            _ForwardUnaryStream,
+            _ForwardStreamUnary,
+            _ForwardStreamStream,
+        )
+    ]
     tracer_provider = tracer_provider or process_tracer_provider()
     if tracer_provider is not None:
         from opentelemetry.instrumentation.grpc import aio_client_interceptors

@@ -59,6 +59,8 @@ class ProbeServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
         return STATUS(status=telemetry_pb2.SystemStatus(hostname="probe"))
 
     async def WatchSystemStatus(self, request, context):
+        self.seen_remaining.append(time_remaining())
+        self.seen_principals.append(current_principal())
         if self.downstream is not None:
             async for item in self.downstream.stub.WatchSystemStatus(request):
                 yield item
@@ -319,6 +321,24 @@ async def test_deadline_and_auth_propagate_to_downstream(probe_server):
     assert answer.status.hostname == "probe"
     # The downstream saw the caller's 2 s deadline, not the client's 30 s default,
     # and the caller's credentials.
+    assert downstream.seen_remaining[0] is not None and downstream.seen_remaining[0] <= 2
+    assert downstream.seen_principals[0].tenant == "acme"
+
+
+async def test_deadline_and_auth_propagate_to_downstream_streams(probe_server):
+    down_running, downstream, _, _ = await probe_server(api_keys={"k1": "alice:acme"})
+    downstream.stream_count = 2
+    _, front, _, front_stub = await probe_server(api_keys={"k1": "alice:acme"})
+    front.downstream = Upstream(
+        "probe", f"127.0.0.1:{down_running.port}", telemetry_pb2_grpc.TelemetryServiceStub
+    )
+    call = front_stub.WatchSystemStatus(
+        telemetry_pb2.WatchSystemStatusRequest(),
+        metadata=(("authorization", "Bearer k1"),),
+        timeout=2,
+    )
+    assert [item.status.hostname async for item in call] == ["item-0", "item-1"]
+    await front.downstream.close()
     assert downstream.seen_remaining[0] is not None and downstream.seen_remaining[0] <= 2
     assert downstream.seen_principals[0].tenant == "acme"
 
