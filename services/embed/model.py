@@ -3,9 +3,9 @@
 import asyncio
 import enum
 import logging
-import math
 import os
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,11 +42,23 @@ class Limits:
 @dataclass
 class Stats:
     requests: int = 0
-    texts: int = 0
-    batches: int = 0
-    max_batch_size: int = 0
+    # How many batches of each size were handed to the model (failed ones too): the
+    # batch figures below come from what really ran, not from arithmetic on requests.
+    batch_sizes: Counter[int] = field(default_factory=Counter)
     queue_seconds: float = 0.0
     compute_seconds: float = 0.0
+
+    @property
+    def texts(self) -> int:
+        return sum(size * count for size, count in self.batch_sizes.items())
+
+    @property
+    def batches(self) -> int:
+        return self.batch_sizes.total()
+
+    @property
+    def max_batch_size(self) -> int:
+        return max(self.batch_sizes, default=0)
 
     @property
     def mean_batch_size(self) -> float:
@@ -159,9 +171,8 @@ class Embedder:
 
     async def start(self) -> None:
         """Warms the model up (first passes are slow) and starts the batching loop."""
-        loop = asyncio.get_running_loop()
         # Every compute thread runs once, so no caller pays for a cold one.
-        await loop.run_in_executor(self._executor, self._encode, ["warm up"] * self._shards)
+        await self._encode(["warm up"] * self._shards)
         self._loop_task = asyncio.create_task(self._batch_loop(), name="embed-batcher")
 
     async def close(self) -> None:
@@ -242,46 +253,55 @@ class Embedder:
         started = time.monotonic()
         texts = [text for pending in batch for text in pending.texts]
         try:
-            vectors, counts = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._encode, texts
-            )
+            vectors, counts = await self._encode_in_batches(texts)
         except Exception as exc:
-            _LOGGER.exception("forward pass over %d texts failed", len(texts))
+            _LOGGER.exception("encoding %d texts failed", len(texts))
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
             return
-        finished = time.monotonic()
-        stats = self.stats
-        stats.texts += len(texts)
-        stats.batches += math.ceil(len(texts) / self._max_batch_size)
-        stats.max_batch_size = max(stats.max_batch_size, min(len(texts), self._max_batch_size))
-        stats.compute_seconds += finished - started
         offset = 0
         for pending in batch:
             count = len(pending.texts)
-            stats.queue_seconds += (started - pending.enqueued) * count
+            self.stats.queue_seconds += (started - pending.enqueued) * count
             if not pending.future.done():
                 pending.future.set_result(
                     (vectors[offset : offset + count], counts[offset : offset + count])
                 )
             offset += count
 
-    def _encode(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
-        """Runs one batch, split into shards that encode in parallel threads."""
+    async def _encode_in_batches(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        """Hands the texts to the model in order, at most `max_batch_size` at a time.
+
+        The shards of every batch queue for the compute threads at once, so a thread that
+        is done takes the next shard instead of waiting for the others at each batch.
+        """
+        size = self._max_batch_size
+        batches = [texts[start : start + size] for start in range(0, len(texts), size)]
+        for batch in batches:
+            self.stats.batch_sizes[len(batch)] += 1
+        started = time.monotonic()
+        try:
+            results = await asyncio.gather(*map(self._encode, batches))
+        finally:
+            self.stats.compute_seconds += time.monotonic() - started
+        vectors = np.concatenate([batch_vectors for batch_vectors, _ in results])
+        return vectors, [count for _, batch_counts in results for count in batch_counts]
+
+    async def _encode(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        """Runs one batch, split into shards that encode side by side on the compute threads."""
+        loop = asyncio.get_running_loop()
         shards = min(self._shards, len(texts))
-        if shards <= 1:
-            return self._encode_shard(texts)
         # Deal texts sorted by length round-robin, so every shard has similar work and
         # little padding; then put the rows back in input order.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         parts = [order[start::shards] for start in range(shards)]
-        futures = [
-            self._executor.submit(self._encode_shard, [texts[i] for i in part])
-            for part in parts[1:]
-        ]
-        results = [self._encode_shard([texts[i] for i in parts[0]])]
-        results += [future.result() for future in futures]
+        results = await asyncio.gather(
+            *(
+                loop.run_in_executor(self._executor, self._encode_shard, [texts[i] for i in part])
+                for part in parts
+            )
+        )
         vectors = np.empty((len(texts), results[0][0].shape[1]), dtype=np.float32)
         counts = [0] * len(texts)
         for part, (shard_vectors, shard_counts) in zip(parts, results, strict=True):
@@ -294,7 +314,7 @@ class Embedder:
         with torch_inference_mode():
             vectors = self._model.encode(
                 texts,
-                batch_size=min(self._max_batch_size, len(texts)),
+                batch_size=len(texts),  # one forward pass: a batch's shard
                 convert_to_numpy=True,
                 show_progress_bar=False,
             )

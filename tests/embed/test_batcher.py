@@ -52,9 +52,30 @@ async def test_callers_queued_together_fill_batches_up_to_the_maximum(st_model):
     for result, vector in zip(results, expected, strict=True):
         np.testing.assert_allclose(result.vectors[0], vector, atol=1e-4)
     # Forty one-text callers queued at once: a full batch of 32, then the other 8.
+    assert embedder.stats.batch_sizes == {32: 1, 8: 1}
     assert embedder.stats.batches == 2
     assert embedder.stats.max_batch_size == 32
     assert embedder.stats.texts == 40
+
+
+async def test_no_batch_given_to_the_model_exceeds_the_maximum(st_model):
+    # Requests of several texts, one larger than a batch, all queued at once.
+    sizes = [5, 5, 20, 3, 7]
+    requests = [[f"Request {r} text {i}." for i in range(size)] for r, size in enumerate(sizes)]
+    embedder = await started(st_model, max_batch_size=8)
+    try:
+        results = await asyncio.gather(
+            *(embedder.embed(texts, Kind.DOCUMENT, normalize=False) for texts in requests)
+        )
+    finally:
+        await embedder.close()
+    for texts, result in zip(requests, results, strict=True):
+        np.testing.assert_allclose(result.vectors, st_model.encode(texts), atol=1e-4)
+    # The sizes of the batches the model really ran, as recorded when each was handed over.
+    run = embedder.stats.batch_sizes
+    assert max(run) <= 8
+    assert sum(size * count for size, count in run.items()) == sum(sizes)
+    assert embedder.stats.max_batch_size == max(run)
 
 
 async def test_a_lone_caller_is_served_without_others(st_model):
