@@ -251,19 +251,37 @@ class Embedder:
 
     async def _run(self, batch: list[_Pending]) -> None:
         started = time.monotonic()
+        for pending in batch:
+            self.stats.queue_seconds += (started - pending.enqueued) * len(pending.texts)
+        await self._serve(batch)
+
+    async def _serve(self, batch: list[_Pending]) -> None:
+        """Encodes the callers' texts together; when that fails, each caller on its own.
+
+        So one text the model cannot encode fails only the caller who sent it.
+        """
         texts = [text for pending in batch for text in pending.texts]
         try:
             vectors, counts = await self._encode_in_batches(texts)
         except Exception as exc:
+            if len(batch) > 1:
+                _LOGGER.warning(
+                    "encoding %d texts of %d callers failed (%s); encoding each caller alone",
+                    len(texts),
+                    len(batch),
+                    exc,
+                )
+                for pending in batch:
+                    if not pending.future.done():
+                        await self._serve([pending])
+                return
             _LOGGER.exception("encoding %d texts failed", len(texts))
-            for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_exception(exc)
+            if not batch[0].future.done():
+                batch[0].future.set_exception(exc)
             return
         offset = 0
         for pending in batch:
             count = len(pending.texts)
-            self.stats.queue_seconds += (started - pending.enqueued) * count
             if not pending.future.done():
                 pending.future.set_result(
                     (vectors[offset : offset + count], counts[offset : offset + count])

@@ -1,4 +1,4 @@
-"""The micro-batcher on its own: sharded forward passes and how batches form."""
+"""The micro-batcher on its own: sharded forward passes, how batches form, failures."""
 
 import asyncio
 
@@ -76,6 +76,43 @@ async def test_no_batch_given_to_the_model_exceeds_the_maximum(st_model):
     assert max(run) <= 8
     assert sum(size * count for size, count in run.items()) == sum(sizes)
     assert embedder.stats.max_batch_size == max(run)
+
+
+class FailsOnText:
+    """The real model, with an injected fault: encode raises for any batch holding `text`."""
+
+    def __init__(self, model, text: str) -> None:
+        self._model = model
+        self._text = text
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def encode(self, texts, **options):
+        if any(self._text in text for text in texts):
+            raise RuntimeError(f"injected failure on {self._text!r}")
+        return self._model.encode(texts, **options)
+
+
+async def test_injected_encode_failure_on_one_text_fails_only_its_caller(st_model):
+    embedder = await started(FailsOnText(st_model, "poison"))
+    texts = [f"Caller {i} asks about topic {i}." for i in range(6)]
+    texts[3] = "a poison text"
+    try:
+        results = await asyncio.gather(
+            *(embedder.embed([text], Kind.QUERY, normalize=True) for text in texts),
+            return_exceptions=True,
+        )
+    finally:
+        await embedder.close()
+    assert isinstance(results[3], RuntimeError)
+    assert "poison" in str(results[3])
+    for index, (text, result) in enumerate(zip(texts, results, strict=True)):
+        if index != 3:
+            expected = st_model.encode([text], normalize_embeddings=True)
+            np.testing.assert_allclose(result.vectors, expected, atol=1e-4)
+    # The six shared one batch, which failed; then each ran on its own.
+    assert embedder.stats.batch_sizes == {6: 1, 1: 6}
 
 
 async def test_a_lone_caller_is_served_without_others(st_model):
