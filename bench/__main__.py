@@ -1,9 +1,9 @@
-"""Runs every benchmark, or those named: python -m bench [runtime embed ingest llm search]."""
+"""Runs every benchmark, or those named: python -m bench [runtime embed ingest llm search ...]."""
 
 import importlib
 import sys
 
-BENCHES = ["runtime", "embed", "ingest", "search", "llm"]
+BENCHES = ["runtime", "embed", "ingest", "search", "llm", "vector"]
 
 
 def main() -> None:
