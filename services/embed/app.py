@@ -40,6 +40,7 @@ async def start(settings: EmbedSettings, model=None) -> EmbedApp:
             name=settings.model,
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
+            max_queued_texts=settings.max_queued_texts,
             linger_ms=settings.linger_ms,
             compute_threads=settings.compute_threads,
             limits=Limits(settings.max_texts_per_request, settings.max_chars_per_text),

@@ -137,11 +137,13 @@ class Embedder:
         max_batch_size: int,
         max_wait_ms: float,
         limits: Limits,
+        max_queued_texts: int = 1024,
         linger_ms: float = 2.0,
         compute_threads: int = 0,
     ) -> None:
         self._model = model
         self._max_batch_size = max_batch_size
+        self._max_queued_texts = max_queued_texts
         self._max_wait = max_wait_ms / 1000
         self._linger = min(linger_ms, max_wait_ms) / 1000
         self.limits = limits
@@ -156,6 +158,8 @@ class Embedder:
         )
         self._prompts = dict(getattr(model, "prompts", None) or {})
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        # Texts of the requests in the queue, not yet taken into a batch.
+        self.queued_texts = 0
         # On CPU a batch is split into shards encoded side by side, one thread and one
         # torch thread each: measured faster than one pass with torch using every core
         # (fewer synchronisations), and it does not collapse when another process takes a
@@ -187,12 +191,21 @@ class Embedder:
 
     async def embed(self, texts: list[str], kind: Kind, normalize: bool) -> EmbedResult:
         check_texts(texts, self.limits)
+        if self.queued_texts + len(texts) > self._max_queued_texts:
+            raise ResourceExhausted(
+                f"{self.queued_texts} texts already wait for the model and this request "
+                f"adds {len(texts)}; the limit is {self._max_queued_texts} "
+                "(RAGMESH_EMBED_MAX_QUEUED_TEXTS): retry later",
+                reason="QUEUE_FULL",
+                metadata={"limit": str(self._max_queued_texts)},
+            )
         prompt = self._prompts.get(kind.value, "")
         pending = _Pending(
             [prompt + text for text in texts], asyncio.get_running_loop().create_future()
         )
         self.stats.requests += 1
-        await self._queue.put(pending)
+        self.queued_texts += len(texts)
+        self._queue.put_nowait(pending)
         vectors, counts = await pending.future
         if normalize:
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -217,12 +230,16 @@ class Embedder:
 
     async def _batch_loop(self) -> None:
         while True:
-            batch = [await self._queue.get()]
+            batch = [self._taken(await self._queue.get())]
             await self._gather(batch)
             # Callers that gave up (cancelled, deadline) are not worth a forward pass.
             batch = [pending for pending in batch if not pending.future.done()]
             if batch:
                 await self._run(batch)
+
+    def _taken(self, pending: _Pending) -> _Pending:
+        self.queued_texts -= len(pending.texts)
+        return pending
 
     async def _gather(self, batch: list[_Pending]) -> None:
         """Adds waiting requests to `batch` until it is full or no more are coming.
@@ -246,7 +263,7 @@ class Embedder:
                     pending = await asyncio.wait_for(self._queue.get(), remaining)
                 except TimeoutError:
                     return
-            batch.append(pending)
+            batch.append(self._taken(pending))
             size += len(pending.texts)
 
     async def _run(self, batch: list[_Pending]) -> None:

@@ -1,6 +1,6 @@
 """Settings of the embed service, read from RAGMESH_EMBED_* environment variables."""
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -31,3 +31,17 @@ class EmbedSettings(ServiceSettings):
     compute_threads: int = Field(default=0, ge=0, le=256)
     max_texts_per_request: int = Field(default=256, ge=1)
     max_chars_per_text: int = Field(default=100_000, ge=1)
+    # Most texts waiting for the model, summed over queued requests; a request that would
+    # pass it is refused with RESOURCE_EXHAUSTED (QUEUE_FULL) instead of waiting without
+    # end. The default holds four requests of the largest size.
+    max_queued_texts: int = Field(default=1024, ge=1)
+
+    @model_validator(mode="after")
+    def _queue_holds_a_full_request(self) -> "EmbedSettings":
+        if self.max_queued_texts < self.max_texts_per_request:
+            raise ValueError(
+                f"max_queued_texts ({self.max_queued_texts}) must be at least "
+                f"max_texts_per_request ({self.max_texts_per_request}), or a full request "
+                "could never be queued"
+            )
+        return self

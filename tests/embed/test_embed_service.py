@@ -2,15 +2,18 @@
 
 import asyncio
 import itertools
+import threading
 
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import ValidationError
 
-from ragmesh.embed.v1 import embed_pb2
+from ragmesh.embed.v1 import embed_pb2, embed_pb2_grpc
 from services.common.errors import Unavailable
 from services.embed.app import start
+from services.embed.model import Kind
 from services.embed.servicer import EmbedServicer
 from services.embed.settings import EmbedSettings
 
@@ -138,6 +141,71 @@ async def test_cancelled_caller_does_not_disturb_others(embed_stub):
     call.cancel()
     replies = await others
     assert all(len(r.embeddings[0].values) == 384 for r in replies)
+
+
+class HeldOnText:
+    """The real model, except that a batch holding `text` waits in encode until released."""
+
+    def __init__(self, model, text: str) -> None:
+        self._model = model
+        self._text = text
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def encode(self, texts, **options):
+        if any(self._text in text for text in texts):
+            self.entered.set()
+            self.release.wait(timeout=120)
+        return self._model.encode(texts, **options)
+
+
+async def test_texts_past_the_queue_bound_are_refused_until_it_drains(
+    st_model, tmp_path, reason_of
+):
+    settings = EmbedSettings(
+        host="127.0.0.1",
+        port=0,
+        data_dir=tmp_path,
+        max_texts_per_request=4,
+        max_queued_texts=4,
+        max_batch_size=4,
+    )
+    model = HeldOnText(st_model, "hold")
+    app = await start(settings, model=model)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}") as channel:
+            stub = embed_pb2_grpc.EmbedServiceStub(channel)
+            # One batch keeps the model busy; four texts then wait behind it: the bound.
+            busy = asyncio.ensure_future(stub.Embed(embed_pb2.EmbedRequest(texts=["hold"])))
+            await asyncio.to_thread(model.entered.wait, 60)
+            waiting = asyncio.create_task(
+                app.embedder.embed(["a", "b", "c", "d"], Kind.DOCUMENT, normalize=True)
+            )
+            await asyncio.sleep(0)  # the task runs up to waiting for its vectors
+            assert app.embedder.queued_texts == 4
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Embed(embed_pb2.EmbedRequest(texts=["one more"]), timeout=60)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert reason_of(caught.value) == "QUEUE_FULL"
+            assert "RAGMESH_EMBED_MAX_QUEUED_TEXTS" in caught.value.details()
+
+            model.release.set()
+            assert len((await busy).embeddings) == 1
+            assert len((await waiting).vectors) == 4
+            reply = await stub.Embed(embed_pb2.EmbedRequest(texts=["one more"]))
+            assert len(reply.embeddings) == 1
+    finally:
+        model.release.set()
+        await app.server.stop(0)
+        await app.close()
+
+
+def test_a_queue_bound_below_one_full_request_is_refused_at_start():
+    with pytest.raises(ValidationError, match="max_queued_texts"):
+        EmbedSettings(max_texts_per_request=300, max_queued_texts=256)
 
 
 async def test_calls_before_the_model_is_loaded_are_unavailable():
