@@ -5,6 +5,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from qdrant_client import AsyncQdrantClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ragmesh.ingest.v1 import ingest_pb2, ingest_pb2_grpc
@@ -45,9 +46,15 @@ class IngestApp:
         await self.engine.dispose()
 
 
-async def start(settings: IngestSettings, *, search_index: SearchIndex | None = None) -> IngestApp:
+async def start(
+    settings: IngestSettings,
+    *,
+    search_index: SearchIndex | None = None,
+    vector_index: VectorIndex | None = None,
+) -> IngestApp:
     """Returns once the service is ready; it answers health checks from before the search
-    index (search_index, a fresh one by default) is loaded."""
+    index (search_index, a fresh one by default) is loaded. vector_index replaces the one
+    the settings choose."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = storage.create_engine(settings.resolved_database_url)
     try:
@@ -61,8 +68,11 @@ async def start(settings: IngestSettings, *, search_index: SearchIndex | None = 
     if search_index is None:
         search_index = SearchIndex(Analyzer())
     index: VectorIndex
-    if settings.qdrant_url:
-        index = QdrantVectorIndex(settings.qdrant_url, settings.qdrant_api_key)
+    if vector_index is not None:
+        index = vector_index
+    elif settings.qdrant_url:
+        client = AsyncQdrantClient(url=settings.qdrant_url, api_key=settings.qdrant_api_key or None)
+        index = QdrantVectorIndex(client)
     else:
         index = LocalVectorIndex(search_index)
     embed = EmbedClient(
@@ -78,7 +88,7 @@ async def start(settings: IngestSettings, *, search_index: SearchIndex | None = 
         fusion=settings.fusion,
         semantic_weight=settings.semantic_weight,
         rrf_k=settings.rrf_k,
-        keep_vectors_in_memory=not settings.qdrant_url,
+        keep_vectors_in_memory=isinstance(index, LocalVectorIndex),
     )
     signals = JobSignals()
     documents = Documents(

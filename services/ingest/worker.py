@@ -185,19 +185,19 @@ class WorkerPool:
             await self._retry(job, 5.0)
 
     async def _let_go(self, document_id: str) -> None:
-        """After losing a job: if its document was deleted meanwhile, removes what this
-        worker may have indexed after the delete did; else leaves all to the new owner."""
+        """After losing a job: if its document was deleted or FAILED meanwhile, removes what
+        this worker may have indexed since; else leaves all to the job's new owner."""
         try:
             async with self._sessions() as session:
                 row = await session.get(storage.DocumentRow, document_id)
-            if row is not None and row.status != storage.DELETING:
-                _LOGGER.info("document %s is in other hands now; leaving it", document_id)
-                return
-            _LOGGER.info("document %s was deleted while being processed", document_id)
-            self._retrieval.remove_document(document_id)
-            await self._index.delete_document(document_id)
         except Exception:
-            _LOGGER.exception("cleaning up after deleted document %s failed", document_id)
+            _LOGGER.exception("could not read document %s after losing its job", document_id)
+            return
+        if row is not None and row.status not in (storage.DELETING, storage.FAILED):
+            _LOGGER.info("document %s is in other hands now; leaving it", document_id)
+            return
+        _LOGGER.info("document %s was deleted or failed while being processed", document_id)
+        await self._remove_vectors(document_id)
 
     async def _ingest_safely(self, job: JobRow) -> None:
         document_id = job.document_id
@@ -255,6 +255,19 @@ class WorkerPool:
             )
             await storage.finish_job(session, document_id, storage.JOB_INGEST, job.lease_owner)
         self._signals.changed(document_id)
+        await self._remove_vectors(document_id)
+
+    async def _remove_vectors(self, document_id: str) -> None:
+        """A FAILED or deleted document keeps no vectors: those its batches stored go."""
+        self._retrieval.remove_document(document_id)
+        try:
+            await self._index.delete_document(document_id)
+        except Exception:
+            _LOGGER.warning(
+                "could not remove the vectors of document %s; deleting it removes them",
+                document_id,
+                exc_info=True,
+            )
 
     async def _move(self, job: JobRow, status: str, **values) -> None:
         async with storage.writing(self._sessions) as session:
