@@ -1,7 +1,7 @@
 """What every generation backend offers the model manager: jobs in, text deltas and a result out."""
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -69,6 +69,10 @@ class EngineInfo:
 
 class Engine(Protocol):
     info: EngineInfo
+    # Empty while the engine can serve; why it cannot while it restarts after a failure.
+    failure: str
+    # Called, from any thread, whenever `failure` changes.
+    on_health_change: Callable[[], None] | None
 
     def memory_bytes(self) -> int: ...
 
@@ -81,3 +85,9 @@ class Engine(Protocol):
     def cancel(self, request_id: str) -> bool: ...
 
     async def close(self, drain: bool = False) -> None: ...
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception as a status message: its type and first line, no traceback."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:500]

@@ -3,6 +3,11 @@
 Requests join the running batch at the next step (their prompt is prefilled alone and its
 KV cache left-padded into the batch) and leave it as soon as they finish or are cancelled,
 so concurrent requests share forward passes without waiting for each other.
+
+A failure that belongs to one request (its prefill, its logits) fails that request only.
+A failure of a batched step fails the running requests and restarts the engine: fresh
+batch state, a probe forward pass, and the waiting requests keep their place. While the
+probe fails the engine reports why in `failure` and refuses new requests.
 """
 
 import asyncio
@@ -12,6 +17,7 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psutil
@@ -19,11 +25,14 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
+from services.common.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
 from services.llm.decoding import IncrementalDecoder
-from services.llm.engine import Delta, EngineInfo, FinishReason, Job, Message, Result
+from services.llm.engine import Delta, EngineInfo, FinishReason, Job, Message, Result, error_text
 
 _LOGGER = logging.getLogger(__name__)
+
+# Seconds between probes of an engine that keeps failing after a restart, at most.
+_MAX_PROBE_INTERVAL = 30.0
 
 
 @dataclass(eq=False)
@@ -63,7 +72,8 @@ class LocalEngine:
         self._by_id: dict[str, _Request] = {}
         self._closing = False
         self._draining = False
-        self._failed = False
+        self.failure = ""
+        self.on_health_change: Callable[[], None] | None = None
         # Batch state, touched only by the decode thread.
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None
@@ -94,7 +104,7 @@ class LocalEngine:
         try:
             while True:
                 event = await request.events.get()
-                if isinstance(event, Unavailable):
+                if isinstance(event, ServiceError):
                     raise event
                 yield event
                 if isinstance(event, Result):
@@ -125,9 +135,7 @@ class LocalEngine:
         await asyncio.to_thread(self._thread.join)
         self.model = None
         self._cache = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        _free_memory()
         _LOGGER.info("engine %s closed", self.info.name)
 
     def _submit(self, job: Job) -> _Request:
@@ -144,8 +152,11 @@ class LocalEngine:
             submitted=time.perf_counter(),
         )
         with self._cv:
-            if self._failed:
-                raise Unavailable("the model's decode thread failed; reload the model")
+            if self.failure:
+                raise Unavailable(
+                    "the model is restarting after a failure; retry shortly",
+                    reason="ENGINE_RESTARTING",
+                )
             if self._closing or self._draining:
                 raise ResourceExhausted("the model is being replaced or unloaded; retry")
             if job.request_id in self._by_id:
@@ -166,20 +177,67 @@ class LocalEngine:
     # -- the decode thread ---------------------------------------------------------------
 
     def _run(self) -> None:
-        try:
-            with torch.inference_mode():
-                while self._next_round():
-                    pass
-        except Exception:
-            _LOGGER.exception("decode thread of %s failed", self.info.name)
-            error = Unavailable("generation failed on the server; the operator has the log")
-            with self._cv:
-                self._failed = True
-                failed = [*self._pending, *self._active]
-                self._pending.clear()
-                self._active = []
-            for request in failed:
-                self._finish(request, FinishReason.CANCELLED, error=error)
+        with torch.inference_mode():
+            while True:
+                try:
+                    if not self._next_round():
+                        return
+                except Exception as exc:
+                    _LOGGER.exception("a decode step of %s failed; restarting", self.info.name)
+                    self._restart(exc)
+
+    def _restart(self, exc: Exception) -> None:
+        """Fails the running requests, drops the batch state and probes until the model works."""
+        self._set_failure(f"a decode step failed ({error_text(exc)}); restarting")
+        running, self._active = self._active, []
+        self._cache = self._mask = None
+        error = Unavailable(
+            "generation failed on the server mid-stream and the model restarted; retry",
+            reason="BATCH_FAILED",
+        )
+        for request in running:
+            self._finish(request, FinishReason.CANCELLED, error=error)
+        _free_memory()
+        interval = 1.0
+        while True:
+            try:
+                self._probe()
+            except Exception as probe_exc:
+                _LOGGER.exception("%s still fails after a restart", self.info.name)
+                self._set_failure(f"the model fails after a restart ({error_text(probe_exc)})")
+                self._fail_waiting()
+                with self._cv:
+                    if self._closing or self._draining:
+                        return
+                    self._cv.wait(interval)
+                interval = min(interval * 2, _MAX_PROBE_INTERVAL)
+                continue
+            _LOGGER.info("%s serves again after a restart", self.info.name)
+            self._set_failure("")
+            return
+
+    def _probe(self) -> None:
+        ids = torch.zeros((1, 1), dtype=torch.long, device=self.model.device)
+        logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+        if torch.isnan(logits).any():
+            raise FloatingPointError("the model produces NaN logits")
+
+    def _fail_waiting(self) -> None:
+        with self._cv:
+            waiting = list(self._pending)
+            self._pending.clear()
+        error = Unavailable(
+            "the model cannot generate after a failure; the operator has the log",
+            reason="ENGINE_FAILED",
+        )
+        for request in waiting:
+            self._finish(request, FinishReason.CANCELLED, error=error)
+
+    def _set_failure(self, failure: str) -> None:
+        with self._cv:
+            changed, self.failure = self.failure != failure, failure
+        if changed and self.on_health_change is not None:
+            self.on_health_change()
 
     def _next_round(self) -> bool:
         with self._cv:
@@ -193,11 +251,17 @@ class LocalEngine:
             for request in [r for r in self._pending if r.cancelled]:
                 self._pending.remove(request)
                 self._finish(request, FinishReason.CANCELLED)
-        for request in admitted:
-            if request.cancelled:
-                self._finish(request, FinishReason.CANCELLED)
-            else:
-                self._prefill(request)
+        for index, request in enumerate(admitted):
+            try:
+                if request.cancelled:
+                    self._finish(request, FinishReason.CANCELLED)
+                else:
+                    self._prefill(request)
+            except Exception:
+                # Those not admitted yet wait at the front for the restarted engine.
+                with self._cv:
+                    self._pending.extendleft(reversed(admitted[index + 1 :]))
+                raise
         self._retire()
         if self._active:
             self._decode_step()
@@ -205,21 +269,28 @@ class LocalEngine:
         return True
 
     def _prefill(self, request: _Request) -> None:
+        """Runs the prompt alone; a failure here is this request's only."""
         request.admitted = time.perf_counter()
         device = self.model.device
         ids = torch.tensor([request.job.prompt_ids], device=device)
-        cache = DynamicCache()
-        out = self.model(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
         request.seen = ids[0]
-        self._join_batch(cache, torch.ones_like(ids))
+        cache = DynamicCache()
+        try:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            token = self._sample(request, out.logits[0, -1])
+        except Exception as exc:
+            self._finish(request, FinishReason.CANCELLED, error=self._request_error(request, exc))
+            return
+        # In the batch before joining it: a failed join fails it with the batch.
         self._active.append(request)
-        self._accept(request, self._sample(request, out.logits[0, -1]))
+        self._join_batch(cache, torch.ones_like(ids))
+        self._advance(request, token)
 
     def _join_batch(self, cache: DynamicCache, mask: torch.Tensor) -> None:
         """Left-pads the batch's or the newcomer's KV cache so their lengths match, then stacks."""
@@ -247,11 +318,40 @@ class LocalEngine:
         logits = out.logits[:, -1]
         for row, request in enumerate(self._active):
             if not request.cancelled:
-                self._accept(request, self._sample(request, logits[row]))
+                try:
+                    token = self._sample(request, logits[row])
+                except Exception as exc:
+                    request.extra["error"] = self._request_error(request, exc)
+                    continue
+                self._advance(request, token)
+
+    def _advance(self, request: _Request, token: int) -> None:
+        try:
+            self._accept(request, token)
+        except Exception as exc:
+            request.extra["error"] = self._request_error(request, exc)
+
+    def _request_error(self, request: _Request, exc: Exception) -> ServiceError:
+        """What the caller of a request that failed alone gets; the operator gets the log."""
+        _LOGGER.error(
+            "request %s failed on %s", request.job.request_id, self.info.name, exc_info=exc
+        )
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            _free_memory()
+            return ResourceExhausted(
+                "the model ran out of memory on this request; retry later or with a shorter prompt",
+                reason="OUT_OF_MEMORY",
+            )
+        return ServiceError(
+            "generation of this request failed on the server; quote the request id to the operator",
+            reason="GENERATION_FAILED",
+        )
 
     def _sample(self, request: _Request, logits: torch.Tensor) -> int:
         params = request.job.params
         logits = logits.float()
+        if torch.isnan(logits).any():
+            raise FloatingPointError("the model produced NaN logits")
         if params.repetition_penalty != 1.0:
             seen = request.seen
             scores = logits[seen]
@@ -294,8 +394,11 @@ class LocalEngine:
         """Removes finished and cancelled rows from the batch and trims all-padding columns."""
         keep = []
         for row, request in enumerate(self._active):
+            error = request.extra.get("error")
             reason = FinishReason.CANCELLED if request.cancelled else request.extra.get("finish")
-            if reason is None:
+            if error is not None:
+                self._finish(request, FinishReason.CANCELLED, error=error)
+            elif reason is None:
                 keep.append(row)
             else:
                 self._finish(request, reason)
@@ -337,6 +440,12 @@ class LocalEngine:
             model=self.info.name,
         )
         request.emit(error if error is not None else result)
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:

@@ -3,6 +3,7 @@ entry points for generation that route requests to the serving model."""
 
 import asyncio
 import enum
+import functools
 import logging
 import time
 import uuid
@@ -12,7 +13,7 @@ from datetime import UTC, datetime
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.llm import catalogue, loading
-from services.llm.engine import Delta, Engine, Job, Message, Result
+from services.llm.engine import Delta, Engine, Job, Message, Result, error_text
 from services.llm.genconfig import (
     FALLBACK_CONTEXT_LENGTH,
     GenerationConfigStore,
@@ -37,6 +38,8 @@ class State(enum.Enum):
     READY = "ready"
     FAILED = "failed"
     UNLOADING = "unloading"
+    # The serving engine failed and restarts; it refuses generation meanwhile.
+    RESTARTING = "restarting"
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,9 @@ class ModelManager:
         self._load_task: asyncio.Task | None = None
         self._watchers: set[asyncio.Queue] = set()
         self._background: set[asyncio.Task] = set()
+        # What health last said, and a lock so that reports land in order.
+        self._reported_serving = False
+        self._serving_lock = asyncio.Lock()
 
     # -- status --------------------------------------------------------------------------
 
@@ -92,6 +98,8 @@ class ModelManager:
             return status
         info = engine.info
         status = replace(status, serving_model=info.name, memory_bytes=engine.memory_bytes())
+        if status.state is State.READY and engine.failure:
+            status = replace(status, state=State.RESTARTING, error=engine.failure)
         if status.state is State.READY:
             status = replace(
                 status,
@@ -115,9 +123,29 @@ class ModelManager:
     def _transition(self, state: State, **changes) -> None:
         self._status = replace(self._status, state=state, update_time=datetime.now(UTC), **changes)
         snapshot = self.status()
-        _LOGGER.info("model %s: %s %s", snapshot.model, state.value, snapshot.error)
+        _LOGGER.info("model %s: %s %s", snapshot.model, snapshot.state.value, snapshot.error)
         for queue in self._watchers:
             queue.put_nowait(snapshot)
+
+    def _engine_health_changed(self, engine: Engine) -> None:
+        if engine is not self._engine:
+            return
+        self._transition(self._status.state)
+        self._spawn(self._publish_serving())
+
+    async def _publish_serving(self) -> None:
+        """Reports health as it is now: SERVING while a model serves and its engine works."""
+        async with self._serving_lock:
+            engine = self._engine
+            serving = engine is not None and not engine.failure
+            if serving != self._reported_serving and self._on_serving is not None:
+                await self._on_serving(serving)
+            self._reported_serving = serving
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     @property
     def context_length(self) -> int:
@@ -215,15 +243,16 @@ class ModelManager:
             _LOGGER.exception("loading %s failed", options.model)
             self._fail(_load_error_text(exc))
             return
+        loop = asyncio.get_running_loop()
+        engine.on_health_change = functools.partial(
+            loop.call_soon_threadsafe, self._engine_health_changed, engine
+        )
         old, self._engine = self._engine, engine
         if old is not None:
             self._retiring.add(old)
-            task = asyncio.create_task(self._retire(old))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._spawn(self._retire(old))
         self._transition(State.READY, progress=1.0, load_seconds=time.perf_counter() - started)
-        if old is None and self._on_serving is not None:
-            await self._on_serving(True)
+        await self._publish_serving()
 
     def _fail(self, reason: str) -> None:
         self._transition(State.FAILED, error=reason, progress=0.0)
@@ -241,8 +270,7 @@ class ModelManager:
         if engine is None:
             raise FailedPrecondition("no model is loaded", reason="NO_MODEL_LOADED")
         self._engine = None
-        if self._on_serving is not None:
-            await self._on_serving(False)
+        await self._publish_serving()
         self._transition(State.UNLOADING)
         await engine.close()
         self._transition(State.NOT_LOADED, model="", options=None, error="", progress=0.0)
@@ -379,5 +407,4 @@ def _fit(engine: Engine, conversation: list[Message], budget: int):
 def _load_error_text(exc: Exception) -> str:
     if isinstance(exc, RemoteLoadError):
         return str(exc)
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}"[:500]
+    return error_text(exc)

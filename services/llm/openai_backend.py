@@ -27,6 +27,10 @@ class _Running:
 class OpenAIEngine:
     """Streams /v1/completions (Generate) and /v1/chat/completions (Chat) over httpx."""
 
+    # A failing server fails its requests; this engine has no state to restart.
+    failure = ""
+    on_health_change = None
+
     def __init__(self, client: httpx.AsyncClient, model: str, info: EngineInfo, limit: int):
         self._client = client
         self._model = model

@@ -2,6 +2,7 @@
 
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 # Before anything imports huggingface_hub: never the network, and an empty cache of our own.
@@ -15,6 +16,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ragmesh.llm.v1 import llm_pb2, llm_pb2_grpc
+from services.llm import loading
 from services.llm.app import start
 from services.llm.provision import provision
 from services.llm.settings import LlmSettings
@@ -127,6 +129,67 @@ async def tiny(models_dir, tmp_path_factory):
     assert status.state == llm_pb2.MODEL_STATE_READY, status.error
     yield client
     await client.close()
+
+
+class FaultInjectingModel:
+    """The real model with faults injected on demand (fault injection, not a stand-in).
+
+    The prefill of a prompt in `raise_on_prompt` raises its exception, one in
+    `nan_on_prompt` yields NaN logits; an armed decode step raises once; while `gate` is
+    clear every forward pass waits.
+    """
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.raise_on_prompt: dict[tuple[int, ...], Exception] = {}
+        self.nan_on_prompt: set[tuple[int, ...]] = set()
+        self.gate = threading.Event()
+        self.gate.set()
+        self._decode_fault: tuple[Exception, bool] | None = None
+
+    def fail_next_decode_step(self, error: Exception, then_hold: bool = False) -> None:
+        """The next batched decode step raises error; with then_hold the gate closes."""
+        self._decode_fault = (error, then_hold)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, input_ids, **kwargs):
+        self.gate.wait()
+        if "position_ids" in kwargs and self._decode_fault is not None:
+            (error, hold), self._decode_fault = self._decode_fault, None
+            if hold:
+                self.gate.clear()
+            raise error
+        prompt = tuple(input_ids[0].tolist())
+        if prompt in self.raise_on_prompt:
+            raise self.raise_on_prompt[prompt]
+        out = self.model(input_ids=input_ids, **kwargs)
+        if prompt in self.nan_on_prompt:
+            out.logits = torch.full_like(out.logits, float("nan"))
+        return out
+
+
+@pytest.fixture
+def faulty_engines(monkeypatch, make_client):
+    """The engines services load in this test, each model in a FaultInjectingModel.
+
+    Needs make_client so that the gates open before the services stop.
+    """
+    engines = []
+    original = loading.load_transformers
+
+    def load(*args, **kwargs):
+        engine = original(*args, **kwargs)
+        engine.model = FaultInjectingModel(engine.model)
+        engines.append(engine)
+        return engine
+
+    monkeypatch.setattr(loading, "load_transformers", load)
+    yield engines
+    for engine in engines:
+        if engine.model is not None:
+            engine.model.gate.set()
 
 
 def gen_overrides(**values) -> llm_pb2.GenerationOverrides:

@@ -5,9 +5,16 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import FaultInjectingModel
 from transformers import AutoTokenizer
 
-from services.common.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from services.common.errors import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
 from services.llm import catalogue
 from services.llm.decoding import IncrementalDecoder
 from services.llm.engine import Delta, FinishReason, Job, Result
@@ -152,3 +159,52 @@ async def test_a_full_queue_answers_resource_exhausted(engine):
     events = [first, *[e async for e in running]]
     assert events[-1].finish_reason is FinishReason.CANCELLED
     assert (await waiting)[-1].finish_reason is FinishReason.CANCELLED
+
+
+@pytest.fixture
+async def faulty_engine(models_dir):
+    """Makes engines of the tiny model, each model in a FaultInjectingModel."""
+    engines = []
+
+    async def make(max_batch: int, max_queue: int):
+        resolved = catalogue.resolve("tiny", "", models_dir, [models_dir.resolve()])
+        engine = await asyncio.to_thread(
+            load_transformers,
+            resolved,
+            LoadOptions(model="tiny"),
+            "cpu",
+            max_batch=max_batch,
+            max_queue=max_queue,
+            max_context=0,
+        )
+        engine.model = FaultInjectingModel(engine.model)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.model.gate.set()
+        await engine.close()
+
+
+async def test_a_failed_decode_step_fails_the_batch_and_waiting_requests_keep_their_place(
+    faulty_engine,
+):
+    engine = await faulty_engine(max_batch=1, max_queue=2)
+    ids = engine.encode("Once upon a time")
+    running = engine.stream(
+        Job("a", GenerationParams(temperature=1.0, top_k=0, max_new_tokens=200), prompt_ids=ids)
+    )
+    await anext(running)
+    waiting = asyncio.create_task(
+        _drain(engine.stream(Job("b", GenerationParams(max_new_tokens=4), prompt_ids=ids)))
+    )
+    for _ in range(3):
+        await asyncio.sleep(0)
+    engine.model.fail_next_decode_step(RuntimeError("injected: KV cache mismatch"))
+    with pytest.raises(Unavailable) as caught:
+        await _drain(running)
+    assert caught.value.reason == "BATCH_FAILED"
+    events = await waiting
+    assert events[-1].finish_reason in (FinishReason.LENGTH, FinishReason.EOS)
+    assert engine.failure == ""

@@ -402,3 +402,97 @@ async def test_concurrent_streams_each_get_their_own_answer(tiny):
     )
     # Eight streams on a batch of four with a queue of four: all served, same answers.
     assert [c.text for _, c in together] == alone * 2
+
+
+def _error_info(error: grpc.aio.AioRpcError):
+    from google.rpc import error_details_pb2
+
+    for detail in rpc_status.from_call(error).details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    raise AssertionError("no ErrorInfo")
+
+
+async def test_a_request_failing_on_its_own_fails_alone(make_client, faulty_engines):
+    client = await make_client()
+    assert (await client.load("tiny")).state == llm_pb2.MODEL_STATE_READY
+    (engine,) = faulty_engines
+    engine.model.raise_on_prompt[tuple(engine.encode("a huge prompt"))] = torch.OutOfMemoryError(
+        "injected: out of memory in prefill"
+    )
+    engine.model.nan_on_prompt.add(tuple(engine.encode("a poisoned prompt")))
+    sampled = gen_overrides(max_new_tokens=40, temperature=1.0, top_k=0, top_p=1.0)
+
+    other = client.llm.Generate(llm_pb2.GenerateRequest(prompt="Once upon", overrides=sampled))
+    await other.read()
+    for prompt, code, reason in (
+        ("a huge prompt", grpc.StatusCode.RESOURCE_EXHAUSTED, "OUT_OF_MEMORY"),
+        ("a poisoned prompt", grpc.StatusCode.INTERNAL, "GENERATION_FAILED"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await collect(
+                client.llm.Generate(
+                    llm_pb2.GenerateRequest(prompt=prompt, overrides=sampled),
+                    metadata=(("x-request-id", reason),),
+                )
+            )
+        assert caught.value.code() == code
+        info = _error_info(caught.value)
+        assert (info.reason, info.metadata["request_id"]) == (reason, reason)
+        assert "injected" not in caught.value.details()
+
+    _, completion = await collect(other)
+    assert completion.finish_reason in (llm_pb2.FINISH_REASON_LENGTH, llm_pb2.FINISH_REASON_EOS)
+    assert await client.health_status() == SERVING
+    status = (await client.llm.GetModelStatus(llm_pb2.GetModelStatusRequest())).status
+    assert status.state == llm_pb2.MODEL_STATE_READY
+    _, completion = await collect(
+        client.llm.Generate(llm_pb2.GenerateRequest(prompt="Hello", overrides=sampled))
+    )
+    assert completion.usage.completion_tokens > 0
+
+
+async def test_health_and_model_status_follow_an_engine_restart(make_client, faulty_engines):
+    client = await make_client()
+    assert (await client.load("tiny")).state == llm_pb2.MODEL_STATE_READY
+    (engine,) = faulty_engines
+    health = client.health.Watch(health_pb2.HealthCheckRequest(service=""))
+    assert (await health.read()).status == SERVING
+    watch = client.llm.WatchModelStatus(llm_pb2.WatchModelStatusRequest())
+    assert (await watch.read()).status.state == llm_pb2.MODEL_STATE_READY
+    sampled = gen_overrides(max_new_tokens=100, temperature=1.0, top_k=0, top_p=1.0)
+    running = client.llm.Generate(llm_pb2.GenerateRequest(prompt="Once", overrides=sampled))
+    await running.read()
+
+    # A batched step fails, and the restarted engine's probe waits until the gate opens.
+    engine.model.fail_next_decode_step(RuntimeError("injected: cache mismatch"), then_hold=True)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(running)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert _error_info(caught.value).reason == "BATCH_FAILED"
+    assert (await health.read()).status == NOT_SERVING
+    restarting = (await watch.read()).status
+    assert restarting.state == llm_pb2.MODEL_STATE_RESTARTING
+    assert "RuntimeError" in restarting.error
+    assert restarting.serving_model == "tiny"
+    status = (await client.llm.GetModelStatus(llm_pb2.GetModelStatusRequest())).status
+    assert status.state == llm_pb2.MODEL_STATE_RESTARTING
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(
+            client.llm.Generate(llm_pb2.GenerateRequest(prompt="Hello", overrides=sampled))
+        )
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert _error_info(caught.value).reason == "ENGINE_RESTARTING"
+
+    engine.model.gate.set()
+    assert (await health.read()).status == SERVING
+    ready = (await watch.read()).status
+    assert (ready.state, ready.error) == (llm_pb2.MODEL_STATE_READY, "")
+    health.cancel()
+    watch.cancel()
+    _, completion = await collect(
+        client.llm.Generate(llm_pb2.GenerateRequest(prompt="Hello", overrides=sampled))
+    )
+    assert completion.usage.completion_tokens > 0

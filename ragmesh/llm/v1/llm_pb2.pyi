@@ -20,6 +20,7 @@ class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_STATE_READY: _ClassVar[ModelState]
     MODEL_STATE_FAILED: _ClassVar[ModelState]
     MODEL_STATE_UNLOADING: _ClassVar[ModelState]
+    MODEL_STATE_RESTARTING: _ClassVar[ModelState]
 
 class ModelSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -68,6 +69,7 @@ MODEL_STATE_LOADING: ModelState
 MODEL_STATE_READY: ModelState
 MODEL_STATE_FAILED: ModelState
 MODEL_STATE_UNLOADING: ModelState
+MODEL_STATE_RESTARTING: ModelState
 MODEL_SOURCE_UNSPECIFIED: ModelSource
 MODEL_SOURCE_LOCAL: ModelSource
 MODEL_SOURCE_HF_CACHE: ModelSource

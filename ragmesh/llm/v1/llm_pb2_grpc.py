@@ -178,7 +178,11 @@ class LlmServiceServicer:
         message with the finish reason, usage and timings.
         Errors: FAILED_PRECONDITION naming the state when no model is READY;
         INVALID_ARGUMENT when the prompt does not fit the context window;
-        RESOURCE_EXHAUSTED when the request queue is full.
+        RESOURCE_EXHAUSTED when the request queue is full (reason QUEUE_FULL) or
+        this request ran out of memory (reason OUT_OF_MEMORY); UNAVAILABLE while the model restarts after a failure (reason
+        ENGINE_RESTARTING), when a failed batch step ended the stream (BATCH_FAILED)
+        or the model cannot generate after a failure (ENGINE_FAILED); INTERNAL
+        (reason GENERATION_FAILED) when this request alone failed on the server.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
