@@ -31,6 +31,13 @@ class Job:
     prompt_ids: list[int] | None = None
     prompt: str | None = None
     messages: list[Message] | None = None
+    # (tenant, subject) of the caller: request ids are scoped to it, and Cancel reaches
+    # only the caller's own requests.
+    owner: tuple[str, str] = ("", "")
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (*self.owner, self.request_id)
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,7 @@ class Engine(Protocol):
 
     def stream(self, job: Job) -> AsyncIterator[Delta | Result]: ...
 
-    def cancel(self, request_id: str) -> bool: ...
+    def cancel(self, key: tuple[str, str, str]) -> bool: ...
 
     async def close(self, drain: bool = False) -> None: ...
 

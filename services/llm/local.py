@@ -69,7 +69,8 @@ class LocalEngine:
         self._cv = threading.Condition()
         self._pending: deque[_Request] = deque()
         self._active: list[_Request] = []
-        self._by_id: dict[str, _Request] = {}
+        # Every accepted request not yet finished (waiting, joining or in the batch), by key.
+        self._by_key: dict[tuple[str, str, str], _Request] = {}
         self._closing = False
         self._draining = False
         self.failure = ""
@@ -111,11 +112,11 @@ class LocalEngine:
                     return
         finally:
             if not request.done:
-                self.cancel(job.request_id)
+                self.cancel(job.key)
 
-    def cancel(self, request_id: str) -> bool:
+    def cancel(self, key: tuple[str, str, str]) -> bool:
         with self._cv:
-            request = self._by_id.get(request_id)
+            request = self._by_key.get(key)
             if request is None or request.done:
                 return False
             request.cancelled = True
@@ -159,18 +160,18 @@ class LocalEngine:
                 )
             if self._closing or self._draining:
                 raise ResourceExhausted("the model is being replaced or unloaded; retry")
-            if job.request_id in self._by_id:
+            if job.key in self._by_key:
                 raise InvalidArgument(
                     f"request {job.request_id} is already running", field="request_id"
                 )
-            waiting = len(self._pending) + max(0, len(self._active) - self._max_batch)
-            if len(self._active) >= self._max_batch and waiting >= self._max_queue:
+            # Whatever the batch holds, at most max_queue requests wait beyond its slots.
+            if len(self._by_key) >= self._max_batch + self._max_queue:
                 raise ResourceExhausted(
                     f"the request queue is full ({self._max_queue} waiting); retry later",
                     reason="QUEUE_FULL",
                 )
             self._pending.append(request)
-            self._by_id[job.request_id] = request
+            self._by_key[job.key] = request
             self._cv.notify()
         return request
 
@@ -421,7 +422,7 @@ class LocalEngine:
             return
         request.done = True
         with self._cv:
-            self._by_id.pop(request.job.request_id, None)
+            self._by_key.pop(request.job.key, None)
         if reason is not FinishReason.CANCELLED:
             tail = request.decoder.flush()
             if tail:

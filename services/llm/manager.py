@@ -310,13 +310,13 @@ class ModelManager:
         return apply_overrides(self._config.get(), overrides, context)
 
     async def generate(
-        self, prompt: str, overrides: dict, request_id: str = ""
+        self, prompt: str, overrides: dict, request_id: str, owner: tuple[str, str]
     ) -> tuple[Job, AsyncIterator[Delta | Result]]:
         engine = self._serving()
         if not prompt:
             raise InvalidArgument("prompt is required", field="prompt")
         params = self._params(engine, overrides)
-        job = Job(request_id or uuid.uuid4().hex, params, prompt=prompt)
+        job = Job(request_id or uuid.uuid4().hex, params, prompt=prompt, owner=owner)
         if engine.info.has_tokenizer:
             job.prompt_ids = engine.encode(prompt)
             total = len(job.prompt_ids) + params.max_new_tokens
@@ -336,14 +336,15 @@ class ModelManager:
         system_prompt: str,
         passages: list[Passage],
         overrides: dict,
-        request_id: str = "",
+        request_id: str,
+        owner: tuple[str, str],
     ) -> tuple[Job, int, AsyncIterator[Delta | Result]]:
         engine = self._serving()
         _check_messages(messages)
         params = self._params(engine, overrides)
         system = _system_message(system_prompt, passages)
         conversation = ([system] if system else []) + list(messages)
-        job = Job(request_id or uuid.uuid4().hex, params)
+        job = Job(request_id or uuid.uuid4().hex, params, owner=owner)
         dropped = 0
         if engine.info.has_tokenizer:
             budget = engine.info.context_length - params.max_new_tokens
@@ -351,9 +352,11 @@ class ModelManager:
         job.messages = conversation
         return job, dropped, engine.stream(job)
 
-    def cancel(self, request_id: str) -> None:
+    def cancel(self, request_id: str, owner: tuple[str, str]) -> None:
+        """Cancels the owner's request; another caller's answers as not found."""
+        key = (*owner, request_id)
         for engine in [self._engine, *self._retiring]:
-            if engine is not None and engine.cancel(request_id):
+            if engine is not None and engine.cancel(key):
                 return
         raise NotFound(f"no running request {request_id}", reason="REQUEST_NOT_FOUND")
 

@@ -8,7 +8,12 @@ from dataclasses import dataclass
 
 import httpx
 
-from services.common.errors import FailedPrecondition, ResourceExhausted, Unavailable
+from services.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from services.llm.engine import Delta, EngineInfo, FinishReason, Job, Message, Result
 
 _LOGGER = logging.getLogger(__name__)
@@ -36,7 +41,7 @@ class OpenAIEngine:
         self._model = model
         self.info = info
         self._limit = limit
-        self._running: dict[str, _Running] = {}
+        self._running: dict[tuple[str, str, str], _Running] = {}
 
     @classmethod
     async def connect(
@@ -79,10 +84,14 @@ class OpenAIEngine:
         return self.encode("")
 
     async def stream(self, job: Job):
+        if job.key in self._running:
+            raise InvalidArgument(
+                f"request {job.request_id} is already running", field="request_id"
+            )
         if len(self._running) >= self._limit:
             raise ResourceExhausted("too many requests in flight; retry later", reason="QUEUE_FULL")
         running = _Running(asyncio.Queue())
-        self._running[job.request_id] = running
+        self._running[job.key] = running
         running.task = asyncio.create_task(self._relay(job, running.events))
         try:
             while True:
@@ -93,11 +102,11 @@ class OpenAIEngine:
                 if isinstance(event, Result):
                     return
         finally:
-            self._running.pop(job.request_id, None)
+            self._running.pop(job.key, None)
             running.task.cancel()
 
-    def cancel(self, request_id: str) -> bool:
-        running = self._running.get(request_id)
+    def cancel(self, key: tuple[str, str, str]) -> bool:
+        running = self._running.get(key)
         if running is None or running.task is None or running.task.done():
             return False
         running.task.cancel()

@@ -6,6 +6,8 @@ import logging
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from ragmesh.llm.v1 import llm_pb2, llm_pb2_grpc
+from services.common.auth import require_scope
+from services.common.context import ADMIN_SCOPE, current_principal
 from services.common.errors import InvalidArgument
 from services.llm.catalogue import ModelEntry, list_models
 from services.llm.engine import Delta, FinishReason, Message, Result
@@ -226,10 +228,12 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         return llm_pb2.ListModelsResponse(models=models)
 
     async def LoadModel(self, request, context):
+        require_scope(ADMIN_SCOPE)
         status = await self._manager.load(options_from_pb(request.options))
         return llm_pb2.LoadModelResponse(status=status_to_pb(status))
 
     async def UnloadModel(self, request, context):
+        require_scope(ADMIN_SCOPE)
         status = await self._manager.unload()
         return llm_pb2.UnloadModelResponse(status=status_to_pb(status))
 
@@ -244,6 +248,7 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         return llm_pb2.GetGenerationConfigResponse(config=params_to_pb(self._config.get()))
 
     async def UpdateGenerationConfig(self, request, context):
+        require_scope(ADMIN_SCOPE)
         changes = config_changes_from_pb(request.config, list(request.update_mask.paths))
         applied = self._config.update(changes, self._manager.context_length)
         return llm_pb2.UpdateGenerationConfigResponse(config=params_to_pb(applied))
@@ -260,7 +265,7 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
 
     async def Generate(self, request, context):
         job, events = await self._manager.generate(
-            request.prompt, overrides_from_pb(request.overrides), request.request_id
+            request.prompt, overrides_from_pb(request.overrides), request.request_id, _owner()
         )
         async for event in events:
             if isinstance(event, Delta):
@@ -281,6 +286,7 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
             passages,
             overrides_from_pb(request.overrides),
             request.request_id,
+            _owner(),
         )
         async for event in events:
             if isinstance(event, Delta):
@@ -293,5 +299,11 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
     async def Cancel(self, request, context):
         if not request.request_id:
             raise InvalidArgument("request_id is required", field="request_id")
-        self._manager.cancel(request.request_id)
+        self._manager.cancel(request.request_id, _owner())
         return llm_pb2.CancelResponse()
+
+
+def _owner() -> tuple[str, str]:
+    """The caller a request belongs to: only it may cancel the request."""
+    principal = current_principal()
+    return principal.tenant, principal.subject

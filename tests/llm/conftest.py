@@ -84,12 +84,17 @@ class Client:
         response = await self.health.Check(health_pb2.HealthCheckRequest(service=""))
         return response.status
 
-    async def load(self, model: str, wait_seconds: float = 120, **options) -> llm_pb2.ModelStatus:
+    async def load(
+        self, model: str, wait_seconds: float = 120, metadata=None, **options
+    ) -> llm_pb2.ModelStatus:
         """Loads and waits for READY or FAILED through WatchModelStatus."""
-        watch = self.llm.WatchModelStatus(llm_pb2.WatchModelStatusRequest(), timeout=wait_seconds)
+        watch = self.llm.WatchModelStatus(
+            llm_pb2.WatchModelStatusRequest(), timeout=wait_seconds, metadata=metadata
+        )
         first = await watch.read()
         await self.llm.LoadModel(
-            llm_pb2.LoadModelRequest(options=llm_pb2.LoadOptions(model=model, **options))
+            llm_pb2.LoadModelRequest(options=llm_pb2.LoadOptions(model=model, **options)),
+            metadata=metadata,
         )
         status = first.status
         while True:
@@ -129,6 +134,11 @@ async def tiny(models_dir, tmp_path_factory):
     assert status.state == llm_pb2.MODEL_STATE_READY, status.error
     yield client
     await client.close()
+
+
+def bearer(key: str) -> tuple[tuple[str, str]]:
+    """Call metadata presenting an API key."""
+    return (("authorization", f"Bearer {key}"),)
 
 
 class FaultInjectingModel:

@@ -146,16 +146,17 @@ async def _drain(stream):
 async def test_a_full_queue_answers_resource_exhausted(engine):
     params = GenerationParams(temperature=1.0, top_k=0, max_new_tokens=200)
     ids = engine.encode("Once upon a time")
-    running = engine.stream(Job("a", params, prompt_ids=ids))
+    a, b = Job("a", params, prompt_ids=ids), Job("b", params, prompt_ids=ids)
+    running = engine.stream(a)
     first = await anext(running)
     assert isinstance(first, Delta | Result)
-    waiting = asyncio.create_task(_drain(engine.stream(Job("b", params, prompt_ids=ids))))
+    waiting = asyncio.create_task(_drain(engine.stream(b)))
     # Let the task run up to its first await: "b" is then queued behind "a".
     for _ in range(3):
         await asyncio.sleep(0)
     with pytest.raises(ResourceExhausted):
         await _drain(engine.stream(Job("c", params, prompt_ids=ids)))
-    assert engine.cancel("a") and engine.cancel("b")
+    assert engine.cancel(a.key) and engine.cancel(b.key)
     events = [first, *[e async for e in running]]
     assert events[-1].finish_reason is FinishReason.CANCELLED
     assert (await waiting)[-1].finish_reason is FinishReason.CANCELLED
@@ -185,6 +186,28 @@ async def faulty_engine(models_dir):
     for engine in engines:
         engine.model.gate.set()
         await engine.close()
+
+
+async def test_a_burst_beyond_the_batch_and_the_queue_is_refused_for_the_excess(faulty_engine):
+    engine = await faulty_engine(max_batch=2, max_queue=2)
+    # No request finishes while the burst arrives.
+    engine.model.gate.clear()
+    params = GenerationParams(temperature=0.0, max_new_tokens=3)
+    ids = engine.encode("Once upon a time")
+    burst = [
+        asyncio.create_task(_drain(engine.stream(Job(f"r{i}", params, prompt_ids=ids))))
+        for i in range(7)
+    ]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    refused = [task for task in burst if task.done()]
+    assert len(refused) == 7 - (2 + 2)
+    for task in refused:
+        assert isinstance(task.exception(), ResourceExhausted)
+        assert task.exception().reason == "QUEUE_FULL"
+    engine.model.gate.set()
+    served = await asyncio.gather(*(task for task in burst if task not in refused))
+    assert [type(events[-1]) for events in served] == [Result] * 4
 
 
 async def test_a_failed_decode_step_fails_the_batch_and_waiting_requests_keep_their_place(

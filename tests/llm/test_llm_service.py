@@ -5,7 +5,7 @@ import asyncio
 import grpc
 import pytest
 import torch
-from conftest import collect, gen_overrides
+from conftest import bearer, collect, gen_overrides
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
@@ -404,6 +404,14 @@ async def test_concurrent_streams_each_get_their_own_answer(tiny):
     assert [c.text for _, c in together] == alone * 2
 
 
+KEYS = {
+    "admin-key": "root:acme:admin",
+    "alice-key": "alice:acme",
+    "carol-key": "carol:acme",
+    "bob-key": "bob:globex",
+}
+
+
 def _error_info(error: grpc.aio.AioRpcError):
     from google.rpc import error_details_pb2
 
@@ -413,6 +421,83 @@ def _error_info(error: grpc.aio.AioRpcError):
             detail.Unpack(info)
             return info
     raise AssertionError("no ErrorInfo")
+
+
+async def test_only_admins_change_the_model_and_the_generation_settings(make_client):
+    client = await make_client(api_keys=KEYS)
+    alice, admin = bearer("alice-key"), bearer("admin-key")
+    llm = client.llm
+    refused = [
+        llm.LoadModel(
+            llm_pb2.LoadModelRequest(options=llm_pb2.LoadOptions(model="tiny")), metadata=alice
+        ),
+        llm.UnloadModel(llm_pb2.UnloadModelRequest(), metadata=alice),
+        llm.UpdateGenerationConfig(
+            llm_pb2.UpdateGenerationConfigRequest(config=llm_pb2.GenerationConfig(top_k=3)),
+            metadata=alice,
+        ),
+    ]
+    for call in refused:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        info = _error_info(caught.value)
+        assert (info.reason, info.metadata["scope"]) == ("SCOPE_REQUIRED", "admin")
+    status = (await llm.GetModelStatus(llm_pb2.GetModelStatusRequest(), metadata=alice)).status
+    assert status.state == llm_pb2.MODEL_STATE_NOT_LOADED
+    config = (
+        await llm.GetGenerationConfig(llm_pb2.GetGenerationConfigRequest(), metadata=alice)
+    ).config
+    assert config.revision == 0
+
+    assert (await client.load("tiny", metadata=admin)).state == llm_pb2.MODEL_STATE_READY
+    applied = await llm.UpdateGenerationConfig(
+        llm_pb2.UpdateGenerationConfigRequest(config=llm_pb2.GenerationConfig(top_k=3)),
+        metadata=admin,
+    )
+    assert applied.config.top_k == 3
+    _, completion = await collect(
+        llm.Generate(
+            llm_pb2.GenerateRequest(prompt="Hello", overrides=gen_overrides(max_new_tokens=2)),
+            metadata=alice,
+        )
+    )
+    assert completion.model == "tiny"
+    unloaded = await llm.UnloadModel(llm_pb2.UnloadModelRequest(), metadata=admin)
+    assert unloaded.status.state == llm_pb2.MODEL_STATE_NOT_LOADED
+
+
+async def test_cancel_reaches_only_the_callers_own_requests(make_client):
+    client = await make_client(api_keys=KEYS)
+    assert (await client.load("tiny", metadata=bearer("admin-key"))).state == (
+        llm_pb2.MODEL_STATE_READY
+    )
+    long = gen_overrides(max_new_tokens=200, temperature=1.0, top_k=0, top_p=1.0)
+
+    def generate(key):
+        return client.llm.Generate(
+            llm_pb2.GenerateRequest(prompt="Once", request_id="r1", overrides=long),
+            metadata=bearer(key),
+        )
+
+    alices = generate("alice-key")
+    await alices.read()
+    # Another tenant, and another subject of the same tenant, reach nothing: the id is
+    # unknown to them, and they may use it for requests of their own.
+    for key in ("bob-key", "carol-key"):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.llm.Cancel(llm_pb2.CancelRequest(request_id="r1"), metadata=bearer(key))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert _error_info(caught.value).reason == "REQUEST_NOT_FOUND"
+    bobs = generate("bob-key")
+    await bobs.read()
+
+    await client.llm.Cancel(llm_pb2.CancelRequest(request_id="r1"), metadata=bearer("alice-key"))
+    _, completion = await collect(alices)
+    assert completion.finish_reason == llm_pb2.FINISH_REASON_CANCELLED
+    await client.llm.Cancel(llm_pb2.CancelRequest(request_id="r1"), metadata=bearer("bob-key"))
+    _, completion = await collect(bobs)
+    assert completion.finish_reason == llm_pb2.FINISH_REASON_CANCELLED
 
 
 async def test_a_request_failing_on_its_own_fails_alone(make_client, faulty_engines):

@@ -29,7 +29,9 @@ class LlmServiceStub:
     """LlmService runs one generative model on its node: it lists the models the node
     has, loads and unloads them in the background, holds the generation settings,
     and streams tokens. It reports SERVING on grpc.health.v1 only while a model is
-    READY.
+    READY. LoadModel, UnloadModel and UpdateGenerationConfig change the service for
+    every tenant and need the scope "admin" (PERMISSION_DENIED, reason
+    SCOPE_REQUIRED, otherwise).
     """
 
     def __init__(self, channel):
@@ -99,7 +101,9 @@ class LlmServiceServicer:
     """LlmService runs one generative model on its node: it lists the models the node
     has, loads and unloads them in the background, holds the generation settings,
     and streams tokens. It reports SERVING on grpc.health.v1 only while a model is
-    READY.
+    READY. LoadModel, UnloadModel and UpdateGenerationConfig change the service for
+    every tenant and need the scope "admin" (PERMISSION_DENIED, reason
+    SCOPE_REQUIRED, otherwise).
     """
 
     def ListModels(self, request, context):
@@ -115,9 +119,9 @@ class LlmServiceServicer:
         state LOADING. The current model, if any, keeps serving until the new one is
         READY; a failed load leaves it serving.
         Errors: INVALID_ARGUMENT for an empty model or bad options; NOT_FOUND for a
-        local path that does not exist; PERMISSION_DENIED for a path outside the
-        configured model roots; FAILED_PRECONDITION when a load is already in flight
-        or quantization is asked for without CUDA.
+        local path that does not exist; PERMISSION_DENIED without the scope "admin"
+        or for a path outside the configured model roots; FAILED_PRECONDITION when a
+        load is already in flight or quantization is asked for without CUDA.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -125,7 +129,8 @@ class LlmServiceServicer:
 
     def UnloadModel(self, request, context):
         """UnloadModel frees the loaded model (CPU and GPU memory).
-        Errors: FAILED_PRECONDITION when no model is loaded.
+        Errors: PERMISSION_DENIED without the scope "admin"; FAILED_PRECONDITION
+        when no model is loaded.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -157,8 +162,8 @@ class LlmServiceServicer:
         """UpdateGenerationConfig changes the fields named in update_mask (all set
         fields when the mask is empty) and returns the applied config with a new
         revision: that answer is the confirmation.
-        Errors: INVALID_ARGUMENT with a BadRequest field violation per bad value;
-        nothing is changed then.
+        Errors: PERMISSION_DENIED without the scope "admin"; INVALID_ARGUMENT with a
+        BadRequest field violation per bad value; nothing is changed then.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -177,9 +182,11 @@ class LlmServiceServicer:
         """Generate streams the completion of a raw prompt: text deltas, then one final
         message with the finish reason, usage and timings.
         Errors: FAILED_PRECONDITION naming the state when no model is READY;
-        INVALID_ARGUMENT when the prompt does not fit the context window;
-        RESOURCE_EXHAUSTED when the request queue is full (reason QUEUE_FULL) or
-        this request ran out of memory (reason OUT_OF_MEMORY); UNAVAILABLE while the model restarts after a failure (reason
+        INVALID_ARGUMENT when the prompt does not fit the context window or the
+        caller already runs a request with this request_id; RESOURCE_EXHAUSTED
+        (reason QUEUE_FULL) when RAGMESH_LLM_MAX_QUEUE requests already wait beyond
+        the batch's slots, or (reason OUT_OF_MEMORY) when this request ran out of
+        memory; UNAVAILABLE while the model restarts after a failure (reason
         ENGINE_RESTARTING), when a failed batch step ended the stream (BATCH_FAILED)
         or the model cannot generate after a failure (ENGINE_FAILED); INTERNAL
         (reason GENERATION_FAILED) when this request alone failed on the server.
@@ -201,9 +208,10 @@ class LlmServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Cancel(self, request, context):
-        """Cancel stops a running Generate or Chat by its request id; the stream ends
-        with finish reason CANCELLED.
-        Errors: NOT_FOUND when no such request is running.
+        """Cancel stops a running Generate or Chat of the caller (same tenant and
+        subject) by its request id; the stream ends with finish reason CANCELLED.
+        Request ids are the caller's own: another caller's request is never reached.
+        Errors: NOT_FOUND when the caller runs no such request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -279,7 +287,9 @@ class LlmService:
     """LlmService runs one generative model on its node: it lists the models the node
     has, loads and unloads them in the background, holds the generation settings,
     and streams tokens. It reports SERVING on grpc.health.v1 only while a model is
-    READY.
+    READY. LoadModel, UnloadModel and UpdateGenerationConfig change the service for
+    every tenant and need the scope "admin" (PERMISSION_DENIED, reason
+    SCOPE_REQUIRED, otherwise).
     """
 
     @staticmethod
