@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from services.llm.catalogue import ResolvedModel, hf_cache_dir
 from services.llm.engine import EngineInfo
 from services.llm.local import LocalEngine
+from services.llm.settings import LlmSettings, env_name, normalize_base_url
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def resolve_device(device: str) -> str:
     raise InvalidArgument(f"device must be {DEVICES_HELP}", field="options.device")
 
 
-def check_options(options: LoadOptions) -> str:
+def check_options(options: LoadOptions, settings: LlmSettings) -> str:
     """Validates what can be checked before loading; returns the resolved device."""
     if options.backend not in BACKENDS:
         raise InvalidArgument("unknown backend", field="options.backend")
@@ -76,6 +77,13 @@ def check_options(options: LoadOptions) -> str:
             raise InvalidArgument(
                 "base_url must be an http(s) URL for the OpenAI-compatible backend",
                 field="options.base_url",
+            )
+        if normalize_base_url(options.base_url) not in settings.remote_base_urls:
+            raise PermissionDenied(
+                f"{options.base_url} is not an OpenAI-compatible server this service may "
+                f"use; the operator lists those in {env_name('remote_base_urls')}",
+                reason="BASE_URL_NOT_ALLOWED",
+                metadata={"setting": env_name("remote_base_urls")},
             )
         return "remote"
     device = resolve_device(options.device)

@@ -173,7 +173,7 @@ class ModelManager:
             )
         if self._status.state is State.UNLOADING:
             raise FailedPrecondition("the model is unloading; retry when it is done")
-        device = loading.check_options(options)
+        device = loading.check_options(options, self._settings)
         resolved = None
         if prepare is None and options.backend == "transformers":
             resolved = self._resolve(options)

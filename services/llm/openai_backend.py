@@ -30,7 +30,11 @@ class _Running:
 
 
 class OpenAIEngine:
-    """Streams /v1/completions (Generate) and /v1/chat/completions (Chat) over httpx."""
+    """Streams /v1/completions (Generate) and /v1/chat/completions (Chat) over httpx.
+
+    `base_url` must come from the operator's allow-list (RAGMESH_LLM_REMOTE_BASE_URLS):
+    the API key goes to it, and redirects are never followed, so it goes nowhere else.
+    """
 
     # A failing server fails its requests; this engine has no state to restart.
     failure = ""
@@ -53,20 +57,22 @@ class OpenAIEngine:
             base_url=base_url.rstrip("/") + "/",
             headers=headers,
             timeout=httpx.Timeout(wait_seconds, read=None),
+            follow_redirects=False,
         )
         try:
             response = await client.get("models", timeout=wait_seconds)
             response.raise_for_status()
-            served = [m.get("id", "") for m in response.json().get("data", [])]
+            served = [str(m.get("id", "")) for m in response.json().get("data", [])]
         except (httpx.HTTPError, ValueError, AttributeError) as exc:
             await client.aclose()
             raise RemoteLoadError(
-                f"OpenAI-compatible server at {base_url} unusable: {exc}"
+                f"OpenAI-compatible server at {base_url} unusable: {_describe(exc)}"
             ) from exc
         if served and model not in served:
             await client.aclose()
             raise RemoteLoadError(
-                f"the server at {base_url} does not serve {model}; it serves {', '.join(served)}"
+                f"the server at {base_url} does not serve {model}; "
+                f"it serves {', '.join(served[:10])}"
             )
         info = EngineInfo(name=model, device="remote", has_tokenizer=False)
         return cls(client, model, info, limit)
@@ -153,9 +159,13 @@ class OpenAIEngine:
         try:
             async with self._client.stream("POST", path, json=body) as response:
                 if response.status_code >= 400:
+                    # The reply is the operator's to read, never the caller's.
                     detail = (await response.aread()).decode(errors="replace")[:300]
+                    _LOGGER.warning(
+                        "relay of %s: HTTP %d: %s", job.request_id, response.status_code, detail
+                    )
                     raise Unavailable(
-                        f"the OpenAI-compatible server answered {response.status_code}: {detail}",
+                        f"the OpenAI-compatible server answered HTTP {response.status_code}",
                         reason="BACKEND_ERROR",
                     )
                 async for line in response.aiter_lines():
@@ -178,7 +188,10 @@ class OpenAIEngine:
         except (httpx.HTTPError, ValueError) as exc:
             _LOGGER.warning("relay of %s failed: %s", job.request_id, exc)
             events.put_nowait(
-                Unavailable(f"the OpenAI-compatible server failed: {exc}", reason="BACKEND_ERROR")
+                Unavailable(
+                    f"the OpenAI-compatible server failed: {_describe(exc)}",
+                    reason="BACKEND_ERROR",
+                )
             )
             return
         except Unavailable as exc:
@@ -197,6 +210,13 @@ class OpenAIEngine:
                 model=self._model,
             )
         )
+
+
+def _describe(exc: Exception) -> str:
+    """An error without the server's words: they may carry whatever it chose to reply."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"HTTP {exc.response.status_code}"
+    return type(exc).__name__
 
 
 def _finish_reason(reason: str | None, had_stops: bool) -> FinishReason:

@@ -2,16 +2,21 @@
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
 
+ENV_PREFIX = "RAGMESH_LLM_"
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a setting, as refusals name it."""
+    return f"{ENV_PREFIX}{field.upper()}"
+
 
 class LlmSettings(ServiceSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="RAGMESH_LLM_", extra="ignore", validate_default=True
-    )
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
 
     port: int = Field(default=50053, ge=0, le=65535)
     # Local models folder; default <data_dir>/models.
@@ -28,11 +33,27 @@ class LlmSettings(ServiceSettings):
     max_queue: int = Field(default=64, ge=0)
     # Upper bound on the context window, below the model's own when smaller; 0 keeps the model's.
     max_context_tokens: int = Field(default=0, ge=0)
-    # Seconds a Hub download or an OpenAI-compatible server may take to answer at load.
+    # Seconds a Hub download may take at load.
     hub_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Base URLs of the OpenAI-compatible servers LoadModel may use, for example
+    # ["http://vllm:8000/v1"]; empty allows none.
+    remote_base_urls: list[str] = Field(default_factory=list)
+    # Seconds an OpenAI-compatible server may take to answer at load.
     remote_timeout_seconds: float = Field(default=10.0, gt=0)
-    # Bearer token for the OpenAI-compatible server, when it wants one.
+    # Bearer token for the OpenAI-compatible servers, sent only to remote_base_urls.
     remote_api_key: str = ""
+
+    @field_validator("remote_base_urls")
+    @classmethod
+    def _http_urls(cls, value: list[str]) -> list[str]:
+        urls = []
+        for url in value:
+            url = normalize_base_url(url)
+            scheme, _, rest = url.partition("://")
+            if scheme not in ("http", "https") or not rest.split("/")[0]:
+                raise ValueError(f"remote base URL {url!r} must be http(s)://host[:port][/path]")
+            urls.append(url)
+        return urls
 
     @property
     def resolved_models_dir(self) -> Path:
@@ -41,3 +62,8 @@ class LlmSettings(ServiceSettings):
     @property
     def resolved_model_roots(self) -> list[Path]:
         return [self.resolved_models_dir, *(root.resolve() for root in self.model_roots)]
+
+
+def normalize_base_url(url: str) -> str:
+    """A base URL as compared with the allow-list: trimmed, without a trailing slash."""
+    return url.strip().rstrip("/")

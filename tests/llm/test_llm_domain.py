@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FaultInjectingModel
+from pydantic import ValidationError
 from transformers import AutoTokenizer
 
 from services.common.errors import (
@@ -20,6 +21,7 @@ from services.llm.decoding import IncrementalDecoder
 from services.llm.engine import Delta, FinishReason, Job, Result
 from services.llm.genconfig import GenerationConfigStore, GenerationParams, apply_overrides
 from services.llm.loading import LoadOptions, load_transformers
+from services.llm.settings import LlmSettings
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +233,10 @@ async def test_a_failed_decode_step_fails_the_batch_and_waiting_requests_keep_th
     events = await waiting
     assert events[-1].finish_reason in (FinishReason.LENGTH, FinishReason.EOS)
     assert engine.failure == ""
+
+
+def test_settings_refuse_remote_urls_that_are_not_http():
+    with pytest.raises(ValidationError, match="http"):
+        LlmSettings(remote_base_urls=["ftp://files.example"])
+    settings = LlmSettings(remote_base_urls=[" http://vllm:8000/v1/ "])
+    assert settings.remote_base_urls == ["http://vllm:8000/v1"]

@@ -8,10 +8,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import grpc
 import pytest
 from conftest import collect, gen_overrides
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from ragmesh.llm.v1 import llm_pb2
 
 ANSWER = ["Paris", " is", " the", " capital", "."]
+# What the double answers, with HTTP 500, to the prompt "fail".
+SECRET_REPLY = "internal error at db.internal:5432, password hunter2"
 
 
 class OpenAIProtocolDouble:
@@ -19,6 +23,8 @@ class OpenAIProtocolDouble:
 
     def __init__(self) -> None:
         self.bodies: list[dict] = []
+        # The Authorization header of every request, "" when absent.
+        self.authorizations: list[str] = []
         double = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -26,14 +32,23 @@ class OpenAIProtocolDouble:
                 pass
 
             def do_GET(self) -> None:
+                double.authorizations.append(self.headers.get("Authorization", ""))
                 if self.path != "/v1/models":
                     self.send_error(404)
                     return
                 self._json({"object": "list", "data": [{"id": "double-model"}]})
 
             def do_POST(self) -> None:
+                double.authorizations.append(self.headers.get("Authorization", ""))
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 double.bodies.append(body)
+                if body.get("prompt") == "fail":
+                    data = SECRET_REPLY.encode()
+                    self.send_response(500)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 if body.get("model") != "double-model":
                     self._json({"error": {"message": "unknown model"}}, status=404)
                     return
@@ -92,7 +107,7 @@ async def _load_remote(client, url, model="double-model"):
 
 
 async def test_chat_and_generate_are_relayed_to_an_openai_compatible_server(make_client, double):
-    client = await make_client()
+    client = await make_client(remote_base_urls=[double.url])
     status = await _load_remote(client, double.url)
     assert status.state == llm_pb2.MODEL_STATE_READY, status.error
     assert status.serving_model == "double-model"
@@ -131,7 +146,7 @@ async def test_chat_and_generate_are_relayed_to_an_openai_compatible_server(make
 
 
 async def test_remote_generation_is_cancellable(make_client, double):
-    client = await make_client()
+    client = await make_client(remote_base_urls=[double.url])
     await _load_remote(client, double.url)
     call = client.llm.Generate(
         llm_pb2.GenerateRequest(
@@ -146,10 +161,74 @@ async def test_remote_generation_is_cancellable(make_client, double):
 
 
 async def test_an_unreachable_or_wrong_server_fails_the_load_with_a_reason(make_client, double):
-    client = await make_client(remote_timeout_seconds=2)
+    client = await make_client(
+        remote_timeout_seconds=2, remote_base_urls=["http://127.0.0.1:9/v1", double.url]
+    )
     status = await _load_remote(client, "http://127.0.0.1:9/v1")
     assert status.state == llm_pb2.MODEL_STATE_FAILED
     assert "127.0.0.1:9" in status.error
     status = await _load_remote(client, double.url, model="other-model")
     assert status.state == llm_pb2.MODEL_STATE_FAILED
     assert "double-model" in status.error
+
+
+def _error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    (detail,) = rpc_status.from_call(error).details
+    info = error_details_pb2.ErrorInfo()
+    detail.Unpack(info)
+    return info
+
+
+@pytest.fixture
+def other_double():
+    server = OpenAIProtocolDouble()
+    yield server
+    server.close()
+
+
+async def test_only_configured_openai_servers_are_used_and_only_they_get_the_key(
+    make_client, double, other_double
+):
+    for allowed in ([], [double.url]):
+        client = await make_client(remote_base_urls=allowed, remote_api_key="server-secret")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.llm.LoadModel(
+                llm_pb2.LoadModelRequest(
+                    options=llm_pb2.LoadOptions(
+                        model="double-model",
+                        backend=llm_pb2.BACKEND_OPENAI_COMPATIBLE,
+                        base_url=other_double.url,
+                    )
+                )
+            )
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        info = _error_info(caught.value)
+        assert info.reason == "BASE_URL_NOT_ALLOWED"
+        assert info.metadata["setting"] == "RAGMESH_LLM_REMOTE_BASE_URLS"
+        assert "RAGMESH_LLM_REMOTE_BASE_URLS" in caught.value.details()
+    assert other_double.authorizations == []
+
+    status = await _load_remote(client, double.url + "/")
+    assert status.state == llm_pb2.MODEL_STATE_READY, status.error
+    await collect(
+        client.llm.Generate(
+            llm_pb2.GenerateRequest(prompt="Hi", overrides=gen_overrides(max_new_tokens=5))
+        )
+    )
+    assert double.authorizations == ["Bearer server-secret"] * 2
+
+
+async def test_a_failing_openai_server_is_reported_without_its_reply(make_client, double):
+    client = await make_client(remote_base_urls=[double.url])
+    assert (await _load_remote(client, double.url)).state == llm_pb2.MODEL_STATE_READY
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(
+            client.llm.Generate(
+                llm_pb2.GenerateRequest(prompt="fail", overrides=gen_overrides(max_new_tokens=5))
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert _error_info(caught.value).reason == "BACKEND_ERROR"
+    assert "500" in caught.value.details()
+    assert "hunter2" not in caught.value.details()
+    assert "hunter2" not in str(rpc_status.from_call(caught.value))

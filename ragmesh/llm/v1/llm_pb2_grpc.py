@@ -119,9 +119,11 @@ class LlmServiceServicer:
         state LOADING. The current model, if any, keeps serving until the new one is
         READY; a failed load leaves it serving.
         Errors: INVALID_ARGUMENT for an empty model or bad options; NOT_FOUND for a
-        local path that does not exist; PERMISSION_DENIED without the scope "admin"
-        or for a path outside the configured model roots; FAILED_PRECONDITION when a
-        load is already in flight or quantization is asked for without CUDA.
+        local path that does not exist; PERMISSION_DENIED without the scope "admin",
+        for a path outside the configured model roots or a base_url not in
+        RAGMESH_LLM_REMOTE_BASE_URLS (reason BASE_URL_NOT_ALLOWED, the setting named
+        in the ErrorInfo metadata "setting"); FAILED_PRECONDITION when a load is
+        already in flight or quantization is asked for without CUDA.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
