@@ -1,14 +1,13 @@
 """Loads a transformers model and tokenizer for the local backend: device, dtype, quantization."""
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
-from services.llm.catalogue import ResolvedModel, hf_cache_dir
+from services.llm.catalogue import ResolvedModel
 from services.llm.engine import EngineInfo
 from services.llm.local import LocalEngine
 from services.llm.settings import LlmSettings, env_name, normalize_base_url
@@ -72,6 +71,8 @@ def check_options(options: LoadOptions, settings: LlmSettings) -> str:
         raise InvalidArgument(
             'dtype must be "auto", "float32", "bfloat16" or "float16"', field="options.dtype"
         )
+    if options.trust_remote_code:
+        check_remote_code(options.model, settings)
     if options.backend == "openai":
         if not options.base_url.startswith(("http://", "https://")):
             raise InvalidArgument(
@@ -100,6 +101,26 @@ def check_options(options: LoadOptions, settings: LlmSettings) -> str:
                 field="options.quantization",
             )
     return device
+
+
+def check_remote_code(model: str, settings: LlmSettings) -> None:
+    """PERMISSION_DENIED, naming the setting, unless the operator lets model run its code."""
+    if not settings.trust_remote_code:
+        setting = env_name("trust_remote_code")
+        raise PermissionDenied(
+            f"trust_remote_code asked for, but this service runs no model code: the "
+            f"operator allows it with {setting}",
+            reason="REMOTE_CODE_NOT_ALLOWED",
+            metadata={"setting": setting},
+        )
+    if settings.trust_remote_code_repos and model not in settings.trust_remote_code_repos:
+        setting = env_name("trust_remote_code_repos")
+        raise PermissionDenied(
+            f"trust_remote_code asked for, but {model} is not among the models allowed to "
+            f"run their code ({setting})",
+            reason="REMOTE_CODE_NOT_ALLOWED",
+            metadata={"setting": setting},
+        )
 
 
 def load_transformers(
@@ -158,25 +179,6 @@ def load_transformers(
         context,
     )
     return LocalEngine(model, tokenizer, info, max_batch=max_batch, max_queue=max_queue)
-
-
-def download(resolved: ResolvedModel, options: LoadOptions, timeout: float) -> Path:
-    """Fetches a Hub repo (or finds it in the cache when offline). Blocking."""
-    from huggingface_hub import snapshot_download
-
-    patterns = None
-    if resolved.gguf_file:
-        patterns = [resolved.gguf_file, "*.json", "*.jinja", "*.model", "*.txt"]
-    return Path(
-        snapshot_download(
-            resolved.hub_id,
-            revision=options.revision or None,
-            token=os.environ.get("HF_TOKEN") or None,
-            allow_patterns=patterns,
-            etag_timeout=timeout,
-            cache_dir=hf_cache_dir(),
-        )
-    )
 
 
 def _context_length(model, tokenizer) -> int:

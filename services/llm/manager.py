@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.llm import catalogue, loading
+from services.llm import catalogue, hub, loading
 from services.llm.engine import Delta, Engine, Job, Message, Result, error_text
 from services.llm.genconfig import (
     FALLBACK_CONTEXT_LENGTH,
@@ -215,11 +215,17 @@ class ModelManager:
                     resolved = self._resolve(options)
                 hub_path = None
                 if resolved.hub_id:
-                    hub_path = await asyncio.wait_for(
-                        asyncio.to_thread(
-                            loading.download, resolved, options, settings.hub_timeout_seconds
+                    hub_path = await hub.download(
+                        hub.Fetch(
+                            repo=resolved.hub_id,
+                            revision=options.revision,
+                            gguf_file=resolved.gguf_file,
+                            remote_code=options.trust_remote_code,
+                            max_bytes=settings.hub_max_download_bytes,
+                            cache_dir=str(catalogue.hf_cache_dir()),
+                            request_timeout=settings.hub_timeout_seconds,
                         ),
-                        settings.hub_timeout_seconds,
+                        settings.hub_download_timeout_seconds,
                     )
                     self._transition(State.LOADING, progress=0.5)
                 engine = await asyncio.to_thread(
@@ -234,11 +240,6 @@ class ModelManager:
                 )
         except asyncio.CancelledError:
             raise
-        except TimeoutError:
-            self._fail(
-                f"the Hugging Face Hub did not answer within {settings.hub_timeout_seconds:.0f} s"
-            )
-            return
         except Exception as exc:
             _LOGGER.exception("loading %s failed", options.model)
             self._fail(_load_error_text(exc))
@@ -408,6 +409,6 @@ def _fit(engine: Engine, conversation: list[Message], budget: int):
 
 
 def _load_error_text(exc: Exception) -> str:
-    if isinstance(exc, RemoteLoadError):
+    if isinstance(exc, RemoteLoadError | hub.HubError):
         return str(exc)
     return error_text(exc)

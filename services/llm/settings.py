@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -33,8 +33,20 @@ class LlmSettings(ServiceSettings):
     max_queue: int = Field(default=64, ge=0)
     # Upper bound on the context window, below the model's own when smaller; 0 keeps the model's.
     max_context_tokens: int = Field(default=0, ge=0)
-    # Seconds a Hub download may take at load.
+    # Whether LoadModel may run a model's own code (its trust_remote_code option); the
+    # operator's decision, off by default: the code runs with the service's rights.
+    trust_remote_code: bool = False
+    # With trust_remote_code: the model ids (Hub repos or catalogue ids) whose code may
+    # run; empty allows every model.
+    trust_remote_code_repos: list[str] = Field(default_factory=list)
+    # Seconds the Hugging Face Hub may take to answer one request (the file listing, the
+    # start of each file, a pause between bytes).
     hub_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Seconds a whole Hub download may take; past that it is stopped and the load fails.
+    hub_download_timeout_seconds: float = Field(default=3600.0, gt=0)
+    # Largest total size of the files one Hub download fetches, bytes; a bigger repo
+    # fails the load before anything is fetched.
+    hub_max_download_bytes: int = Field(default=20 * 1024**3, gt=0)
     # Base URLs of the OpenAI-compatible servers LoadModel may use, for example
     # ["http://vllm:8000/v1"]; empty allows none.
     remote_base_urls: list[str] = Field(default_factory=list)
@@ -54,6 +66,16 @@ class LlmSettings(ServiceSettings):
                 raise ValueError(f"remote base URL {url!r} must be http(s)://host[:port][/path]")
             urls.append(url)
         return urls
+
+    @model_validator(mode="after")
+    def _repos_need_remote_code(self) -> "LlmSettings":
+        if self.trust_remote_code_repos and not self.trust_remote_code:
+            raise ValueError(
+                f"{env_name('trust_remote_code_repos')} is set but "
+                f"{env_name('trust_remote_code')} is false: set it to true to let these "
+                "models run their code"
+            )
+        return self
 
     @property
     def resolved_models_dir(self) -> Path:

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from transformers import AutoTokenizer
 
 from services.common.errors import (
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -20,6 +21,7 @@ from services.llm import catalogue
 from services.llm.decoding import IncrementalDecoder
 from services.llm.engine import Delta, FinishReason, Job, Result
 from services.llm.genconfig import GenerationConfigStore, GenerationParams, apply_overrides
+from services.llm.hub import choose_files
 from services.llm.loading import LoadOptions, load_transformers
 from services.llm.settings import LlmSettings
 
@@ -235,7 +237,62 @@ async def test_a_failed_decode_step_fails_the_batch_and_waiting_requests_keep_th
     assert engine.failure == ""
 
 
-def test_settings_refuse_remote_urls_that_are_not_http():
+def test_a_hub_download_takes_only_what_a_load_needs_within_the_size_limit():
+    listing = [
+        ("config.json", 700),
+        ("generation_config.json", 100),
+        ("tokenizer.json", 2_000),
+        ("tokenizer_config.json", 300),
+        ("chat_template.jinja", 200),
+        ("model-00001-of-00002.safetensors", 4_000),
+        ("model-00002-of-00002.safetensors", 3_000),
+        ("model.safetensors.index.json", 50),
+        ("consolidated.safetensors", 7_000),
+        ("pytorch_model.bin", 7_000),
+        ("modeling_custom.py", 900),
+        ("onnx/model.onnx", 7_000),
+        ("README.md", 10),
+    ]
+    needed = [
+        "chat_template.jinja",
+        "config.json",
+        "generation_config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    assert choose_files(listing, gguf_file="", remote_code=False, max_bytes=10_350) == needed
+    assert choose_files(listing, gguf_file="", remote_code=True, max_bytes=20_000) == sorted(
+        [*needed, "modeling_custom.py"]
+    )
+    with pytest.raises(FailedPrecondition) as caught:
+        choose_files(listing, gguf_file="", remote_code=False, max_bytes=10_349)
+    assert caught.value.reason == "DOWNLOAD_TOO_LARGE"
+    assert caught.value.metadata["setting"] == "RAGMESH_LLM_HUB_MAX_DOWNLOAD_BYTES"
+    assert "RAGMESH_LLM_HUB_MAX_DOWNLOAD_BYTES" in caught.value.message
+
+    gguf = [("q4/small.Q4_K_M.gguf", 900), ("small.Q8_0.gguf", 1_800), ("config.json", 10)]
+    assert choose_files(
+        gguf, gguf_file="q4/small.Q4_K_M.gguf", remote_code=False, max_bytes=910
+    ) == [
+        "config.json",
+        "q4/small.Q4_K_M.gguf",
+    ]
+    with pytest.raises(NotFound):
+        choose_files(gguf, gguf_file="small.F16.gguf", remote_code=False, max_bytes=10**9)
+    with pytest.raises(FailedPrecondition) as caught:
+        choose_files(gguf, gguf_file="", remote_code=False, max_bytes=10**9)
+    assert caught.value.reason == "NO_LOADABLE_WEIGHTS"
+    with pytest.raises(FailedPrecondition) as caught:
+        choose_files([("model.safetensors", None)], gguf_file="", remote_code=False, max_bytes=1)
+    assert caught.value.reason == "DOWNLOAD_SIZE_UNKNOWN"
+
+
+def test_settings_refuse_remote_code_models_without_the_switch_and_bad_remote_urls():
+    with pytest.raises(ValidationError, match="RAGMESH_LLM_TRUST_REMOTE_CODE"):
+        LlmSettings(trust_remote_code_repos=["acme/model"])
     with pytest.raises(ValidationError, match="http"):
         LlmSettings(remote_base_urls=["ftp://files.example"])
     settings = LlmSettings(remote_base_urls=[" http://vllm:8000/v1/ "])

@@ -500,6 +500,31 @@ async def test_cancel_reaches_only_the_callers_own_requests(make_client):
     assert completion.finish_reason == llm_pb2.FINISH_REASON_CANCELLED
 
 
+async def test_remote_code_runs_only_where_the_operator_allows_it(make_client):
+    asks = {"model": "tiny", "trust_remote_code": True}
+    for settings, setting in (
+        ({}, "RAGMESH_LLM_TRUST_REMOTE_CODE"),
+        (
+            {"trust_remote_code": True, "trust_remote_code_repos": ["acme/reviewed"]},
+            "RAGMESH_LLM_TRUST_REMOTE_CODE_REPOS",
+        ),
+    ):
+        client = await make_client(**settings)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.llm.LoadModel(
+                llm_pb2.LoadModelRequest(options=llm_pb2.LoadOptions(**asks))
+            )
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        info = _error_info(caught.value)
+        assert (info.reason, info.metadata["setting"]) == ("REMOTE_CODE_NOT_ALLOWED", setting)
+        assert setting in caught.value.details()
+        status = (await client.llm.GetModelStatus(llm_pb2.GetModelStatusRequest())).status
+        assert status.state == llm_pb2.MODEL_STATE_NOT_LOADED
+
+    client = await make_client(trust_remote_code=True, trust_remote_code_repos=["tiny"])
+    assert (await client.load(**asks)).state == llm_pb2.MODEL_STATE_READY
+
+
 async def test_a_request_failing_on_its_own_fails_alone(make_client, faulty_engines):
     client = await make_client()
     assert (await client.load("tiny")).state == llm_pb2.MODEL_STATE_READY

@@ -117,12 +117,17 @@ class LlmServiceServicer:
     def LoadModel(self, request, context):
         """LoadModel starts loading a model in the background and returns at once with
         state LOADING. The current model, if any, keeps serving until the new one is
-        READY; a failed load leaves it serving.
+        READY; a failed load leaves it serving. A Hub model downloads only the files
+        a load needs (weights, configs, tokenizer; its code only when it may run),
+        at most RAGMESH_LLM_HUB_MAX_DOWNLOAD_BYTES in all and within
+        RAGMESH_LLM_HUB_DOWNLOAD_TIMEOUT_SECONDS, after which the download is
+        stopped; otherwise the load FAILS with `error` naming the setting.
         Errors: INVALID_ARGUMENT for an empty model or bad options; NOT_FOUND for a
         local path that does not exist; PERMISSION_DENIED without the scope "admin",
-        for a path outside the configured model roots or a base_url not in
-        RAGMESH_LLM_REMOTE_BASE_URLS (reason BASE_URL_NOT_ALLOWED, the setting named
-        in the ErrorInfo metadata "setting"); FAILED_PRECONDITION when a load is
+        for a path outside the configured model roots, for trust_remote_code the
+        operator does not allow (reason REMOTE_CODE_NOT_ALLOWED) or a base_url not
+        in RAGMESH_LLM_REMOTE_BASE_URLS (reason BASE_URL_NOT_ALLOWED), the setting
+        named in the ErrorInfo metadata "setting"; FAILED_PRECONDITION when a load is
         already in flight or quantization is asked for without CUDA.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
