@@ -70,8 +70,10 @@ class EmbedServiceServicer:
         Errors: INVALID_ARGUMENT for an empty batch, an empty text or an unknown
         kind; RESOURCE_EXHAUSTED when the batch has more texts than the limit
         (default 256) or a text is longer than the limit (default 100,000
-        characters), the limit named in the message; UNAVAILABLE while the model
-        is loading.
+        characters), the limit named in the message, and (reason QUEUE_FULL) when
+        the texts waiting for the model would pass MAX_QUEUED_TEXTS (default 1,024);
+        UNAVAILABLE while the model is loading; INTERNAL for a text the model fails
+        on, which fails only the request holding it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
