@@ -2,6 +2,7 @@ import datetime
 
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from ragmesh.llm.v1 import llm_pb2 as _llm_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -26,6 +27,12 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_EOS: _ClassVar[FinishReason]
     FINISH_REASON_CANCELLED: _ClassVar[FinishReason]
     FINISH_REASON_ERROR: _ClassVar[FinishReason]
+
+class MemoryScope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MEMORY_SCOPE_UNSPECIFIED: _ClassVar[MemoryScope]
+    MEMORY_SCOPE_SESSION: _ClassVar[MemoryScope]
+    MEMORY_SCOPE_TENANT: _ClassVar[MemoryScope]
 MESSAGE_ROLE_UNSPECIFIED: MessageRole
 MESSAGE_ROLE_USER: MessageRole
 MESSAGE_ROLE_ASSISTANT: MessageRole
@@ -36,9 +43,12 @@ FINISH_REASON_STOP: FinishReason
 FINISH_REASON_EOS: FinishReason
 FINISH_REASON_CANCELLED: FinishReason
 FINISH_REASON_ERROR: FinishReason
+MEMORY_SCOPE_UNSPECIFIED: MemoryScope
+MEMORY_SCOPE_SESSION: MemoryScope
+MEMORY_SCOPE_TENANT: MemoryScope
 
 class Session(_message.Message):
-    __slots__ = ("id", "tenant", "name", "model", "document_ids", "tags", "auto_tags", "message_count", "create_time", "update_time", "last_exchange_time")
+    __slots__ = ("id", "tenant", "name", "model", "document_ids", "tags", "auto_tags", "message_count", "create_time", "update_time", "last_exchange_time", "system_prompt", "generation")
     ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +60,8 @@ class Session(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     LAST_EXCHANGE_TIME_FIELD_NUMBER: _ClassVar[int]
+    SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     id: str
     tenant: str
     name: str
@@ -61,19 +73,25 @@ class Session(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
     last_exchange_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., name: _Optional[str] = ..., model: _Optional[str] = ..., document_ids: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[str]] = ..., auto_tags: _Optional[_Iterable[str]] = ..., message_count: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_exchange_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    system_prompt: str
+    generation: _llm_pb2.GenerationOverrides
+    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., name: _Optional[str] = ..., model: _Optional[str] = ..., document_ids: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[str]] = ..., auto_tags: _Optional[_Iterable[str]] = ..., message_count: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_exchange_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., system_prompt: _Optional[str] = ..., generation: _Optional[_Union[_llm_pb2.GenerationOverrides, _Mapping]] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("name", "model", "document_ids", "tags")
+    __slots__ = ("name", "model", "document_ids", "tags", "system_prompt", "generation")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_IDS_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
+    SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: str
     document_ids: _containers.RepeatedScalarFieldContainer[str]
     tags: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., document_ids: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
+    system_prompt: str
+    generation: _llm_pb2.GenerationOverrides
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., document_ids: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[str]] = ..., system_prompt: _Optional[str] = ..., generation: _Optional[_Union[_llm_pb2.GenerationOverrides, _Mapping]] = ...) -> None: ...
 
 class CreateSessionResponse(_message.Message):
     __slots__ = ("session",)
@@ -94,14 +112,20 @@ class GetSessionResponse(_message.Message):
     def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
 
 class ListSessionsRequest(_message.Message):
-    __slots__ = ("page_size", "page_token", "tag")
+    __slots__ = ("page_size", "page_token", "tag", "model", "last_exchange_after", "last_exchange_before")
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LAST_EXCHANGE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    LAST_EXCHANGE_BEFORE_FIELD_NUMBER: _ClassVar[int]
     page_size: int
     page_token: str
     tag: str
-    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., tag: _Optional[str] = ...) -> None: ...
+    model: str
+    last_exchange_after: _timestamp_pb2.Timestamp
+    last_exchange_before: _timestamp_pb2.Timestamp
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., tag: _Optional[str] = ..., model: _Optional[str] = ..., last_exchange_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_exchange_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListSessionsResponse(_message.Message):
     __slots__ = ("sessions", "next_page_token")
@@ -206,16 +230,24 @@ class Message(_message.Message):
     def __init__(self, id: _Optional[str] = ..., session_id: _Optional[str] = ..., role: _Optional[_Union[MessageRole, str]] = ..., content: _Optional[str] = ..., citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ..., model: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., time_to_first_token_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., error: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class SendMessageRequest(_message.Message):
-    __slots__ = ("session_id", "content", "document_top_k", "memory_top_k")
+    __slots__ = ("session_id", "content", "document_top_k", "memory_top_k", "overrides", "document_ids", "memory_scope", "client_request_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_TOP_K_FIELD_NUMBER: _ClassVar[int]
     MEMORY_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDES_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_SCOPE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     content: str
     document_top_k: int
     memory_top_k: int
-    def __init__(self, session_id: _Optional[str] = ..., content: _Optional[str] = ..., document_top_k: _Optional[int] = ..., memory_top_k: _Optional[int] = ...) -> None: ...
+    overrides: _llm_pb2.GenerationOverrides
+    document_ids: _containers.RepeatedScalarFieldContainer[str]
+    memory_scope: MemoryScope
+    client_request_id: str
+    def __init__(self, session_id: _Optional[str] = ..., content: _Optional[str] = ..., document_top_k: _Optional[int] = ..., memory_top_k: _Optional[int] = ..., overrides: _Optional[_Union[_llm_pb2.GenerationOverrides, _Mapping]] = ..., document_ids: _Optional[_Iterable[str]] = ..., memory_scope: _Optional[_Union[MemoryScope, str]] = ..., client_request_id: _Optional[str] = ...) -> None: ...
 
 class RetrievalHit(_message.Message):
     __slots__ = ("source", "text", "score", "citation", "message_id")
@@ -239,11 +271,23 @@ class RetrievalHit(_message.Message):
     message_id: str
     def __init__(self, source: _Optional[_Union[RetrievalHit.Source, str]] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., citation: _Optional[_Union[Citation, _Mapping]] = ..., message_id: _Optional[str] = ...) -> None: ...
 
+class RetrievalSkip(_message.Message):
+    __slots__ = ("source", "reason", "message")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    source: RetrievalHit.Source
+    reason: str
+    message: str
+    def __init__(self, source: _Optional[_Union[RetrievalHit.Source, str]] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
 class RetrievalHits(_message.Message):
-    __slots__ = ("hits",)
+    __slots__ = ("hits", "skipped")
     HITS_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[RetrievalHit]
-    def __init__(self, hits: _Optional[_Iterable[_Union[RetrievalHit, _Mapping]]] = ...) -> None: ...
+    skipped: _containers.RepeatedCompositeFieldContainer[RetrievalSkip]
+    def __init__(self, hits: _Optional[_Iterable[_Union[RetrievalHit, _Mapping]]] = ..., skipped: _Optional[_Iterable[_Union[RetrievalSkip, _Mapping]]] = ...) -> None: ...
 
 class SendMessageResponse(_message.Message):
     __slots__ = ("user_message", "retrieval", "delta", "assistant_message")

@@ -92,8 +92,12 @@ class SessionsServiceServicer:
 
     def CreateSession(self, request, context):
         """CreateSession starts a session.
-        Errors: INVALID_ARGUMENT for a name over 200 characters or more than 100
-        document ids.
+        Errors: INVALID_ARGUMENT for a name over 200 characters, more than 100
+        document ids, a system prompt over 16,000 characters or a bad generation
+        override; NOT_FOUND (reason DOCUMENTS_NOT_FOUND, a BadRequest violation per
+        missing id) when a document id is not one of the caller's documents;
+        FAILED_PRECONDITION (reason MODEL_NOT_SERVED, naming the models served) for a
+        model no llm target serves; UNAVAILABLE when ingest cannot check the ids.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,8 +112,10 @@ class SessionsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSessions(self, request, context):
-        """ListSessions lists the tenant's sessions, most recent exchange first.
-        Errors: INVALID_ARGUMENT for a bad page_token or page_size.
+        """ListSessions lists the tenant's sessions, most recent exchange first
+        (sessions without an exchange last, newest first).
+        Errors: INVALID_ARGUMENT for a bad page_token or page_size, or a time range
+        that ends before it starts.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -117,8 +123,9 @@ class SessionsServiceServicer:
 
     def UpdateSession(self, request, context):
         """UpdateSession changes the fields named in update_mask (name, model,
-        document_ids, tags).
-        Errors: NOT_FOUND; INVALID_ARGUMENT for an unknown mask path.
+        document_ids, tags, system_prompt, generation).
+        Errors: NOT_FOUND; INVALID_ARGUMENT for an unknown or missing mask path; as
+        CreateSession for the new values.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -133,8 +140,9 @@ class SessionsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SearchSessions(self, request, context):
-        """SearchSessions finds sessions by name, tags and message content.
-        Errors: INVALID_ARGUMENT for an empty query.
+        """SearchSessions finds sessions by name, tags and the meaning of their
+        exchanges; each match says which fields matched and shows a snippet.
+        Errors: INVALID_ARGUMENT for an empty query or top_k outside 0–100.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -142,11 +150,16 @@ class SessionsServiceServicer:
 
     def SendMessage(self, request, context):
         """SendMessage stores the user message, retrieves context, and streams: the
-        stored user message, the retrieval hits, the answer's token deltas, and last
-        the stored assistant message. If the client cancels, generation stops and
-        the partial answer is stored with finish reason CANCELLED.
-        Errors: NOT_FOUND for the session; INVALID_ARGUMENT for empty content;
-        UNAVAILABLE when the llm service cannot be reached (the user message is kept).
+        stored user message, the retrieval hits (and what retrieval was skipped, and
+        why), the answer's token deltas, and last the stored assistant message. If
+        the client cancels, generation stops and the partial answer is stored with
+        finish reason CANCELLED; if the llm fails mid-answer the partial answer is
+        stored with FINISH_REASON_ERROR and the stream ends with the error. A retry
+        with the same client_request_id streams the stored exchange again.
+        Errors: NOT_FOUND for the session; INVALID_ARGUMENT for empty content or bad
+        overrides; UNAVAILABLE when the llm service cannot be reached and
+        FAILED_PRECONDITION when it has no model ready (the user message is kept, no
+        assistant message is stored).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -163,7 +176,9 @@ class SessionsServiceServicer:
     def SearchMemory(self, request, context):
         """SearchMemory searches past exchanges by meaning, in one session or all of
         the tenant's sessions.
-        Errors: INVALID_ARGUMENT for an empty query or top_k outside 1–100.
+        Errors: INVALID_ARGUMENT for an empty query or top_k outside 0–100 (0 means
+        the default); NOT_FOUND for a session_id that is not the caller's;
+        UNAVAILABLE when the embed service cannot be reached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,121 @@
+"""SQL storage every service shares: engines for SQLite and PostgreSQL, read and write
+sessions, Alembic migrations under a database lock, UTC datetimes.
+
+SQLite (the embedded default) runs in WAL mode, where readers never wait for a writer:
+read sessions begin a plain deferred transaction, and only write sessions take the write
+lock up front (BEGIN IMMEDIATE) so that two writers queue on the busy timeout instead of
+failing with "database is locked".
+"""
+
+import contextlib
+import datetime as dt
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import DateTime, event, text
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.types import TypeDecorator
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class UtcDateTime(TypeDecorator):
+    """Aware UTC datetimes on every backend (SQLite hands back naive ones)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return None if value is None else value.astimezone(dt.UTC)
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
+
+
+# Execution option marking a connection's transaction as one that writes.
+_WRITE = "ragmesh_write"
+
+
+def create_engine(url: str) -> AsyncEngine:
+    if not url.startswith("sqlite"):
+        return create_async_engine(url, pool_pre_ping=True)
+    engine = create_async_engine(url, connect_args={"timeout": 30})
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _connect(dbapi_connection, _record):
+        # Let SQLAlchemy, not the driver, open transactions (see the begin hook).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(connection):
+        # A write transaction takes the write lock up front: a deferred one that later
+        # writes can fail with "database is locked" without waiting when another writer
+        # is active. Reads stay deferred, so WAL serves them beside a writer.
+        if connection.get_execution_options().get(_WRITE):
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            connection.exec_driver_sql("BEGIN")
+
+    return engine
+
+
+class Database:
+    """One database: `read()` and `write()` sessions, each one transaction."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = create_engine(url)
+        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncSession]:
+        """A session for reads: on SQLite it never waits for a writer."""
+        async with self._sessions() as session:
+            yield session
+
+    @contextlib.asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncSession]:
+        """A session in one write transaction, committed when the block ends (rolled back
+        on an error); on SQLite it holds the write lock from its first statement."""
+        async with self._sessions() as session, session.begin():
+            await session.connection(execution_options={_WRITE: True})
+            yield session
+
+    async def migrate(self, migrations_dir: Path, lock_key: int) -> None:
+        """Brings the schema to the newest Alembic revision, one process at a time.
+
+        Replicas starting together queue on a lock held until the migration commits: the
+        PostgreSQL advisory lock lock_key, or SQLite's write lock. Each later one then
+        finds the schema up to date."""
+
+        def upgrade(connection) -> None:
+            config = Config()
+            config.set_main_option("script_location", str(migrations_dir))
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+        async with self.engine.execution_options(**{_WRITE: True}).begin() as connection:
+            if connection.dialect.name == "postgresql":
+                await connection.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key}
+                )
+            await connection.run_sync(upgrade)
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
