@@ -22,6 +22,7 @@ import numpy as np
 
 from ragmesh.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from services.common.clients import wait_until_serving
+from services.common.database import create_engine, sessionmaker, utcnow
 from services.ingest import app as ingest_app
 from services.ingest import storage
 from services.ingest.settings import IngestSettings
@@ -45,15 +46,15 @@ def _vocabulary(rng: np.random.Generator, size: int = 30_000) -> np.ndarray:
 
 async def _fill(settings: IngestSettings, chunks: int, rng: np.random.Generator) -> np.ndarray:
     """Writes READY documents with chunks and unit vectors; returns the vectors."""
-    engine = storage.create_engine(settings.resolved_database_url)
+    engine = create_engine(settings.resolved_database_url)
     await storage.migrate(engine)
     vocabulary = _vocabulary(rng)
     ranks = np.arange(1, len(vocabulary) + 1)
     weights = (1.0 / ranks) / (1.0 / ranks).sum()
     vectors = rng.standard_normal((chunks, DIMENSION)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    now = storage.utcnow()
-    sessions = storage.sessionmaker(engine)
+    now = utcnow()
+    sessions = sessionmaker(engine)
     for first in range(0, chunks, 5000):
         documents, rows = [], []
         for n in range(first, min(first + 5000, chunks)):

@@ -75,13 +75,47 @@ def create_engine(url: str) -> AsyncEngine:
     return engine
 
 
+def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+@contextlib.asynccontextmanager
+async def writing(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """A session in a write transaction, committed on exit (rolled back on an error).
+
+    Reads use a plain `sessions()` session; every transaction that writes goes through
+    here, so on SQLite it holds the write lock from its first statement."""
+    async with sessions() as session, session.begin():
+        await session.connection(execution_options={_WRITE: True})
+        yield session
+
+
+async def migrate(engine: AsyncEngine, migrations_dir: Path, lock_key: int) -> None:
+    """Brings the schema to the newest Alembic revision, one process at a time.
+
+    Replicas starting together queue on a lock held until the migration commits: the
+    PostgreSQL advisory lock lock_key, or SQLite's write lock (the transaction begins
+    IMMEDIATE). Each later one then finds the schema up to date."""
+
+    def upgrade(connection) -> None:
+        config = Config()
+        config.set_main_option("script_location", str(migrations_dir))
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+    async with engine.execution_options(**{_WRITE: True}).begin() as connection:
+        if connection.dialect.name == "postgresql":
+            await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key})
+        await connection.run_sync(upgrade)
+
+
 class Database:
     """One database: `read()` and `write()` sessions, each one transaction."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = create_engine(url)
-        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._sessions = sessionmaker(self.engine)
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
@@ -89,33 +123,12 @@ class Database:
         async with self._sessions() as session:
             yield session
 
-    @contextlib.asynccontextmanager
-    async def write(self) -> AsyncIterator[AsyncSession]:
-        """A session in one write transaction, committed when the block ends (rolled back
-        on an error); on SQLite it holds the write lock from its first statement."""
-        async with self._sessions() as session, session.begin():
-            await session.connection(execution_options={_WRITE: True})
-            yield session
+    def write(self):
+        """A session in one write transaction (see `writing`)."""
+        return writing(self._sessions)
 
     async def migrate(self, migrations_dir: Path, lock_key: int) -> None:
-        """Brings the schema to the newest Alembic revision, one process at a time.
-
-        Replicas starting together queue on a lock held until the migration commits: the
-        PostgreSQL advisory lock lock_key, or SQLite's write lock. Each later one then
-        finds the schema up to date."""
-
-        def upgrade(connection) -> None:
-            config = Config()
-            config.set_main_option("script_location", str(migrations_dir))
-            config.attributes["connection"] = connection
-            command.upgrade(config, "head")
-
-        async with self.engine.execution_options(**{_WRITE: True}).begin() as connection:
-            if connection.dialect.name == "postgresql":
-                await connection.execute(
-                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key}
-                )
-            await connection.run_sync(upgrade)
+        await migrate(self.engine, migrations_dir, lock_key)
 
     async def dispose(self) -> None:
         await self.engine.dispose()

@@ -9,6 +9,7 @@ from qdrant_client import AsyncQdrantClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ragmesh.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from services.common.database import create_engine, sessionmaker
 from services.common.server import RunningServer, ServiceSpec, create_server
 from services.common.text import Analyzer
 from services.ingest import storage
@@ -56,13 +57,13 @@ async def start(
     index (search_index, a fresh one by default) is loaded. vector_index replaces the one
     the settings choose."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = storage.create_engine(settings.resolved_database_url)
+    engine = create_engine(settings.resolved_database_url)
     try:
         await storage.migrate(engine)
     except Exception as exc:
         await engine.dispose()
         raise ValueError(f"cannot prepare the database: {exc}") from exc
-    sessions = storage.sessionmaker(engine)
+    sessions = sessionmaker(engine)
     blobs = BlobStore(settings.resolved_blob_dir)
     blobs.open()
     if search_index is None:

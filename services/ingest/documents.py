@@ -1,11 +1,8 @@
 """Documents as callers see them: upload, read, list, watch, text, chunks and delete."""
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import datetime as dt
-import json
 import logging
 import uuid
 from collections import defaultdict
@@ -15,12 +12,15 @@ from dataclasses import dataclass, field
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from services.common import pages
+from services.common.database import utcnow, writing
 from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
 )
+from services.common.pages import bad_page_token
 from services.ingest import storage
 from services.ingest.blobs import BlobStore, TooLarge
 from services.ingest.index import VectorIndex
@@ -118,28 +118,6 @@ def check_metadata(meta: UploadMetadata) -> None:
             )
 
 
-def _encode_token(payload: dict) -> str:
-    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
-
-
-def _decode_token(token: str, keys: set[str]) -> dict:
-    try:
-        payload = json.loads(base64.urlsafe_b64decode(token.encode()))
-    except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(
-            "page_token is not one this service issued", field="page_token"
-        ) from exc
-    if not isinstance(payload, dict) or set(payload) != keys:
-        raise InvalidArgument("page_token is not one this service issued", field="page_token")
-    return payload
-
-
-def _page_size(value: int, default: int, maximum: int) -> int:
-    if value < 0:
-        raise InvalidArgument("page_size must not be negative", field="page_size")
-    return min(value or default, maximum)
-
-
 class Documents:
     def __init__(
         self,
@@ -209,7 +187,7 @@ class Documents:
         return row
 
     async def _store(self, tenant, meta, writer, sha256: str, mime_type: str):
-        now = storage.utcnow()
+        now = utcnow()
         row = DocumentRow(
             id=str(uuid.uuid4()),
             tenant=tenant,
@@ -228,7 +206,7 @@ class Documents:
         )
         await asyncio.to_thread(self._blobs.keep, writer, row.id)
         try:
-            async with storage.writing(self._sessions) as session:
+            async with writing(self._sessions) as session:
                 storage.add_document(session, row)
                 await storage.put_job(session, row.id, storage.JOB_INGEST)
         except IntegrityError:
@@ -264,16 +242,14 @@ class Documents:
     async def list_documents(
         self, tenant: str, *, page_size: int, page_token: str, status: str | None, tag: str
     ) -> tuple[list[DocumentRow], str]:
-        limit = _page_size(page_size, DEFAULT_DOCUMENTS_PAGE, MAX_DOCUMENTS_PAGE)
+        limit = pages.page_size(page_size, DEFAULT_DOCUMENTS_PAGE, MAX_DOCUMENTS_PAGE)
         after = None
         if page_token:
-            payload = _decode_token(page_token, {"c", "i"})
+            payload = pages.decode_page_token(page_token, {"c", "i"})
             try:
                 after = (dt.datetime.fromisoformat(payload["c"]), str(payload["i"]))
             except (TypeError, ValueError) as exc:
-                raise InvalidArgument(
-                    "page_token is not one this service issued", field="page_token"
-                ) from exc
+                raise bad_page_token() from exc
         async with self._sessions() as session:
             rows = await storage.list_documents(
                 session, tenant, limit=limit + 1, after=after, status=status, tag=tag
@@ -281,7 +257,9 @@ class Documents:
         token = ""
         if len(rows) > limit:
             rows = rows[:limit]
-            token = _encode_token({"c": rows[-1].created_at.isoformat(), "i": rows[-1].id})
+            token = pages.encode_page_token(
+                {"c": rows[-1].created_at.isoformat(), "i": rows[-1].id}
+            )
         return rows, token
 
     async def watch(self, tenant: str, document_id: str) -> AsyncIterator[DocumentRow]:
@@ -338,14 +316,12 @@ class Documents:
     async def chunks(
         self, tenant: str, document_id: str, *, page_size: int, page_token: str
     ) -> tuple[list[ChunkRow], str]:
-        limit = _page_size(page_size, DEFAULT_CHUNKS_PAGE, MAX_CHUNKS_PAGE)
+        limit = pages.page_size(page_size, DEFAULT_CHUNKS_PAGE, MAX_CHUNKS_PAGE)
         from_index = 0
         if page_token:
-            from_index = _decode_token(page_token, {"n"})["n"]
+            from_index = pages.decode_page_token(page_token, {"n"})["n"]
             if not isinstance(from_index, int) or from_index < 0:
-                raise InvalidArgument(
-                    "page_token is not one this service issued", field="page_token"
-                )
+                raise bad_page_token()
         async with self._sessions() as session:
             row = await self._require(session, tenant, document_id)
             rows = await storage.list_chunks(
@@ -354,12 +330,12 @@ class Documents:
         token = ""
         if len(rows) > limit:
             rows = rows[:limit]
-            token = _encode_token({"n": rows[-1].index + 1})
+            token = pages.encode_page_token({"n": rows[-1].index + 1})
         return rows, token
 
     async def delete(self, tenant: str, document_id: str) -> None:
         """Marks the document DELETING (search skips it), then removes it everywhere."""
-        async with storage.writing(self._sessions) as session:
+        async with writing(self._sessions) as session:
             row = await self._require(session, tenant, document_id)
             # The job row first, as workers lock it first: no lock-order deadlock.
             await storage.put_job(session, row.id, storage.JOB_DELETE, delay=_DELETE_JOB_GRACE)
@@ -377,7 +353,7 @@ class Documents:
         self._search_index.remove_document(document_id)
         await self._index.delete_document(document_id)
         await asyncio.to_thread(self._blobs.delete, document_id)
-        async with storage.writing(self._sessions) as session:
+        async with writing(self._sessions) as session:
             if owner:
                 await storage.hold_job(session, document_id, storage.JOB_DELETE, owner)
             await storage.finish_job(session, document_id, storage.JOB_DELETE, owner)

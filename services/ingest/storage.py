@@ -1,17 +1,12 @@
 """SQL storage of documents, their text, chunks and jobs: models, engine, repositories."""
 
-import contextlib
 import datetime as dt
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import (
     JSON,
     BigInteger,
-    DateTime,
     ForeignKey,
     Index,
     Integer,
@@ -21,27 +16,23 @@ from sqlalchemy import (
     UniqueConstraint,
     and_,
     delete,
-    event,
     func,
     or_,
     select,
-    text,
     update,
 )
-from sqlalchemy.ext.asyncio import (
-    AsyncEngine,
-    AsyncSession,
-    async_sessionmaker,
-    create_async_engine,
-)
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, undefer
-from sqlalchemy.types import TypeDecorator
+
+from services.common import database
+from services.common.database import (
+    UtcDateTime,
+    utcnow,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-# Execution option marking a connection's transaction as one that writes (see `writing`).
-_WRITE = "ragmesh_write"
 # PostgreSQL advisory lock taken around migrations (the bytes of "ingest" and a 1).
 _MIGRATION_LOCK_KEY = 0x696E6765737401
 
@@ -56,25 +47,6 @@ TERMINAL = frozenset({READY, FAILED, DELETING})
 
 JOB_INGEST = "ingest"
 JOB_DELETE = "delete"
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-class UtcDateTime(TypeDecorator):
-    """Aware UTC datetimes on every backend (SQLite hands back naive ones)."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value, dialect):
-        return None if value is None else value.astimezone(dt.UTC)
-
-    def process_result_value(self, value, dialect):
-        if value is None:
-            return None
-        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
 
 
 class Base(DeclarativeBase):
@@ -160,68 +132,9 @@ class JobRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
 
 
-def create_engine(url: str) -> AsyncEngine:
-    if url.startswith("sqlite"):
-        engine = create_async_engine(url, connect_args={"timeout": 30})
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _sqlite_connect(dbapi_connection, _record):
-            # Let SQLAlchemy, not the driver, open transactions (see the begin hook).
-            dbapi_connection.isolation_level = None
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA busy_timeout=30000")
-            cursor.close()
-
-        @event.listens_for(engine.sync_engine, "begin")
-        def _sqlite_begin(connection):
-            # A write transaction takes the write lock up front: a deferred one that later
-            # writes can fail with "database is locked" without waiting when another writer
-            # is active. Reads stay deferred, so WAL serves them beside a writer.
-            if connection.get_execution_options().get(_WRITE):
-                connection.exec_driver_sql("BEGIN IMMEDIATE")
-            else:
-                connection.exec_driver_sql("BEGIN")
-
-        return engine
-    return create_async_engine(url, pool_pre_ping=True)
-
-
-def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return async_sessionmaker(engine, expire_on_commit=False)
-
-
-@contextlib.asynccontextmanager
-async def writing(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
-    """A session in a write transaction, committed on exit (rolled back on an error).
-
-    Reads use a plain `sessions()` session; every transaction that writes goes through
-    here, so on SQLite it holds the write lock from its first statement."""
-    async with sessions() as session, session.begin():
-        await session.connection(execution_options={_WRITE: True})
-        yield session
-
-
 async def migrate(engine: AsyncEngine) -> None:
-    """Brings the schema to the newest Alembic revision, one process at a time.
-
-    Replicas starting together queue on a lock held until the migration commits: a
-    PostgreSQL advisory lock, or SQLite's write lock (the transaction begins IMMEDIATE).
-    Each later one then finds the schema up to date."""
-
-    def upgrade(connection) -> None:
-        config = Config()
-        config.set_main_option("script_location", str(MIGRATIONS_DIR))
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
-
-    async with engine.execution_options(**{_WRITE: True}).begin() as connection:
-        if connection.dialect.name == "postgresql":
-            await connection.execute(
-                text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
-            )
-        await connection.run_sync(upgrade)
+    """Brings ingest's schema to the newest Alembic revision, one replica at a time."""
+    await database.migrate(engine, MIGRATIONS_DIR, _MIGRATION_LOCK_KEY)
 
 
 # Documents

@@ -10,6 +10,7 @@ import uuid
 import numpy as np
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from services.common.database import writing
 from services.common.errors import DeadlineExceeded, ServiceError, Unavailable
 from services.ingest import storage
 from services.ingest.blobs import BlobStore
@@ -77,7 +78,7 @@ class WorkerPool:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
-            async with storage.writing(self._sessions) as session:
+            async with writing(self._sessions) as session:
                 await storage.release_jobs(session, self._owners)
         except Exception:
             _LOGGER.warning("could not release job leases; they expire on their own", exc_info=True)
@@ -116,7 +117,7 @@ class WorkerPool:
 
     async def _claim(self, owner: str) -> JobRow | None:
         try:
-            async with storage.writing(self._sessions) as session:
+            async with writing(self._sessions) as session:
                 return await storage.claim_job(session, owner, self._settings.job_lease_seconds)
         except Exception:
             _LOGGER.exception("could not take a job; retrying")
@@ -132,7 +133,7 @@ class WorkerPool:
             await asyncio.sleep(seconds / 3)
             started = loop.time()
             try:
-                async with asyncio.timeout_at(expires), storage.writing(self._sessions) as session:
+                async with asyncio.timeout_at(expires), writing(self._sessions) as session:
                     renewed = await storage.renew_lease(
                         session, job.document_id, job.kind, job.lease_owner, seconds
                     )
@@ -241,14 +242,14 @@ class WorkerPool:
         await storage.hold_job(session, job.document_id, job.kind, job.lease_owner)
 
     async def _retry(self, job: JobRow, delay: float) -> None:
-        async with storage.writing(self._sessions) as session:
+        async with writing(self._sessions) as session:
             await self._hold(session, job)
             await storage.retry_job(session, job.document_id, job.kind, job.lease_owner, delay)
 
     async def _fail(self, job: JobRow, reason: str) -> None:
         document_id = job.document_id
         _LOGGER.info("document %s failed: %s", document_id, reason)
-        async with storage.writing(self._sessions) as session:
+        async with writing(self._sessions) as session:
             await self._hold(session, job)
             await storage.set_status(
                 session, document_id, storage.FAILED, expect=_ACTIVE, error=reason
@@ -270,7 +271,7 @@ class WorkerPool:
             )
 
     async def _move(self, job: JobRow, status: str, **values) -> None:
-        async with storage.writing(self._sessions) as session:
+        async with writing(self._sessions) as session:
             await self._hold(session, job)
             if not await storage.set_status(
                 session, job.document_id, status, expect=_ACTIVE, **values
@@ -284,7 +285,7 @@ class WorkerPool:
         async with self._sessions() as session:
             row = await session.get(storage.DocumentRow, document_id)
         if row is None or row.status not in _ACTIVE:
-            async with storage.writing(self._sessions) as session:
+            async with writing(self._sessions) as session:
                 await self._hold(session, job)
                 await storage.finish_job(session, document_id, storage.JOB_INGEST, job.lease_owner)
             return
@@ -300,7 +301,7 @@ class WorkerPool:
             max_docx_bytes=settings.max_docx_uncompressed_bytes,
             max_chars=settings.max_text_chars,
         )
-        async with storage.writing(self._sessions) as session:
+        async with writing(self._sessions) as session:
             await self._hold(session, job)
             await storage.put_text(session, document_id, parsed.text)
             if not await storage.set_status(
@@ -382,7 +383,7 @@ class WorkerPool:
         # Searchable before READY commits, so a caller who sees READY finds the chunks;
         # until then search drops them, as it reads every hit back from READY rows.
         await self._retrieval.add_chunks(document_id, chunks, row.mime_type, row.tags)
-        async with storage.writing(self._sessions) as session:
+        async with writing(self._sessions) as session:
             await self._hold(session, job)
             await storage.replace_chunks(session, document_id, chunks)
             if not await storage.set_status(

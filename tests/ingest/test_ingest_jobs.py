@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from ragmesh.ingest.v1 import ingest_pb2
+from services.common.database import create_engine, sessionmaker, utcnow, writing
 from services.ingest import storage
 from services.ingest.app import start
 
@@ -35,16 +36,16 @@ async def _job(app, document_id: str) -> storage.JobRow | None:
 
 
 async def _set_job(app, document_id: str, **values) -> None:
-    async with storage.writing(app.documents._sessions) as session:
+    async with writing(app.documents._sessions) as session:
         await session.execute(
             update(storage.JobRow).where(storage.JobRow.document_id == document_id).values(**values)
         )
 
 
 async def _leased_jobs(settings) -> int:
-    engine = storage.create_engine(settings.resolved_database_url)
+    engine = create_engine(settings.resolved_database_url)
     try:
-        async with storage.sessionmaker(engine)() as session:
+        async with sessionmaker(engine)() as session:
             return await session.scalar(
                 select(func.count())
                 .select_from(storage.JobRow)
@@ -197,9 +198,7 @@ async def test_a_worker_that_loses_its_lease_stops_and_leaves_the_job_to_its_new
             document_id = (await client.upload("taken.txt", b"taken over midway")).document.id
             await _held(embed_proxy)
             # Another replica holds the job now, as its claim leaves it once a lease ran out.
-            await _set_job(
-                app, document_id, lease_owner="replica-b", lease_until=storage.utcnow() + HELD
-            )
+            await _set_job(app, document_id, lease_owner="replica-b", lease_until=utcnow() + HELD)
             # The worker notices at its next renewal and stops: its Embed call is cancelled.
             async with asyncio.timeout(30):
                 await embed_proxy.cancelled.wait()
@@ -232,7 +231,7 @@ async def test_a_worker_whose_lease_ran_out_never_undoes_the_new_owners_work(
             await _held(embed_proxy)
             # The worker stalls past its lease (a long pause, a partition from the database)
             # and a second replica takes the job over and finishes the document.
-            await _set_job(stalled, document_id, lease_until=storage.utcnow() - HELD)
+            await _set_job(stalled, document_id, lease_until=utcnow() - HELD)
             second = await start(settings.model_copy(update={"embed_target": embed_server}))
             try:
                 async with grpc.aio.insecure_channel(
@@ -277,7 +276,7 @@ async def test_an_interrupted_delete_is_finished_at_restart(
         # The process dies right after DeleteDocument committed its intent, before it
         # touched the index: its workers are gone, the vectors and rows are still there.
         await app.workers.close()
-        async with storage.writing(app.documents._sessions) as session:
+        async with writing(app.documents._sessions) as session:
             await storage.set_status(session, document.id, storage.DELETING)
             await storage.put_job(session, document.id, storage.JOB_DELETE)
         assert await app.index.count_document(document.id) > 0

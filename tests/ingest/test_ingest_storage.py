@@ -6,6 +6,7 @@ import asyncio
 from sqlalchemy import inspect, text, update
 
 from ragmesh.ingest.v1 import ingest_pb2
+from services.common.database import create_engine
 from services.ingest import storage
 
 KEYWORD = ingest_pb2.SEARCH_MODE_KEYWORD
@@ -15,7 +16,7 @@ async def test_reads_answer_while_another_connection_holds_a_write_transaction(c
     document = await client.ingest("committed.txt", b"words about lighthouses and harbours")
     assert document.status == ingest_pb2.DOCUMENT_STATUS_READY
     url = ingest_app.engine.url.render_as_string(hide_password=False)
-    engine = storage.create_engine(url)
+    engine = create_engine(url)
     try:
         async with engine.connect() as connection:
             # Another replica (or a worker) is in the middle of a write and has not committed.
@@ -44,7 +45,7 @@ async def test_reads_answer_while_another_connection_holds_a_write_transaction(c
 
 async def test_replicas_starting_together_all_migrate_to_one_schema(make_settings, tmp_path):
     url = make_settings(tmp_path).resolved_database_url  # a fresh, empty database
-    engines = [storage.create_engine(url) for _ in range(4)]
+    engines = [create_engine(url) for _ in range(4)]
     try:
         await asyncio.gather(*(storage.migrate(engine) for engine in engines))
         async with engines[0].connect() as connection:

@@ -7,7 +7,7 @@ Revises:
 import sqlalchemy as sa
 from alembic import op
 
-from services.ingest.storage import UtcDateTime
+from services.common.database import UtcDateTime
 
 revision = "0001"
 down_revision = None
