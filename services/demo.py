@@ -7,6 +7,7 @@ import grpc
 from ragmesh.embed.v1 import embed_pb2, embed_pb2_grpc
 from ragmesh.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from ragmesh.llm.v1 import llm_pb2, llm_pb2_grpc
+from ragmesh.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from ragmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -18,8 +19,12 @@ async def run(targets: dict[str, str]) -> None:
     try:
         await _telemetry(telemetry_pb2_grpc.TelemetryServiceStub(channels["telemetry"]))
         await _embed(embed_pb2_grpc.EmbedServiceStub(channels["embed"]))
-        passages = await _ingest(ingest_pb2_grpc.IngestServiceStub(channels["ingest"]))
-        await _llm(llm_pb2_grpc.LlmServiceStub(channels["llm"]), passages)
+        document_id = await _ingest(ingest_pb2_grpc.IngestServiceStub(channels["ingest"]))
+        await _llm(llm_pb2_grpc.LlmServiceStub(channels["llm"]))
+        if document_id:
+            await _sessions(
+                sessions_pb2_grpc.SessionsServiceStub(channels["sessions"]), document_id
+            )
     finally:
         for channel in channels.values():
             await channel.close()
@@ -47,7 +52,7 @@ async def _embed(stub) -> None:
     )
 
 
-async def _ingest(stub) -> list:
+async def _ingest(stub) -> str:
     async def upload():
         yield ingest_pb2.UploadDocumentRequest(
             metadata=ingest_pb2.DocumentMetadata(filename=README.name, tags=["demo"])
@@ -67,40 +72,53 @@ async def _ingest(stub) -> list:
         print(f"  status {ingest_pb2.DocumentStatus.Name(document.status)}")
     if document.status != ingest_pb2.DOCUMENT_STATUS_READY:
         print(f"  failed: {document.error}")
-        return []
+        return ""
     print(f"  {document.chunk_count} chunks")
-    try:
-        result = await stub.Search(ingest_pb2.SearchRequest(query=QUESTION, top_k=3))
-    except grpc.aio.AioRpcError as exc:
-        print(f"  search: {exc.code().name} ({exc.details()})")
-        return []
+    result = await stub.Search(ingest_pb2.SearchRequest(query=QUESTION, top_k=3))
     print(f"  search {QUESTION!r}:")
     for hit in result.hits:
         print(f"    {hit.score:.3f} {hit.filename}#{hit.chunk_index}: {hit.text[:70]!r}")
-    return [
-        llm_pb2.ContextPassage(
-            id=f"{h.document_id}#{h.chunk_index}", text=h.text, source=h.filename
-        )
-        for h in result.hits
-    ]
+    return document.id
 
 
-async def _llm(stub, passages: list) -> None:
+async def _llm(stub) -> None:
     status = (await stub.GetModelStatus(llm_pb2.GetModelStatusRequest())).status
     print(f"\n[llm] {status.model} is {llm_pb2.ModelState.Name(status.state)} on {status.device}")
-    for question, context in (("What is the capital of France?", []), (QUESTION, passages)):
+
+
+async def _sessions(stub, document_id: str) -> None:
+    created = await stub.CreateSession(
+        sessions_pb2.CreateSessionRequest(document_ids=[document_id], tags=["demo"])
+    )
+    session = created.session
+    print(f"\n[sessions] a session over {README.name}: {session.id}")
+    for question in ("What is the capital of France?", QUESTION):
         print(f"  Q: {question}\n  A: ", end="", flush=True)
-        request = llm_pb2.ChatRequest(
-            messages=[llm_pb2.ChatMessage(role=llm_pb2.ROLE_USER, content=question)],
-            context=context,
+        request = sessions_pb2.SendMessageRequest(
+            session_id=session.id,
+            content=question,
             overrides=llm_pb2.GenerationOverrides(max_new_tokens=64, temperature=0),
         )
-        async for event in stub.Chat(request):
-            if event.HasField("delta"):
+        async for event in stub.SendMessage(request):
+            kind = event.WhichOneof("event")
+            if kind == "delta":
                 print(event.delta, end="", flush=True)
-            else:
-                c = event.completion
+            elif kind == "assistant_message":
+                answer = event.assistant_message
                 print(
-                    f"\n  ({llm_pb2.FinishReason.Name(c.finish_reason)}, "
-                    f"{c.usage.completion_tokens} tokens, {c.timings.tokens_per_second:.1f} tok/s)"
+                    f"\n  ({sessions_pb2.FinishReason.Name(answer.finish_reason)}, "
+                    f"{answer.completion_tokens} tokens, first token after "
+                    f"{answer.time_to_first_token_seconds * 1000:.0f} ms)"
                 )
+                for citation in answer.citations[:3]:
+                    print(f"    cited {citation.filename} ({citation.score:.3f})")
+    session = (await stub.GetSession(sessions_pb2.GetSessionRequest(session_id=session.id))).session
+    print(f"  the session is named {session.name!r}, tagged {list(session.auto_tags)}")
+    found = await stub.SearchSessions(
+        sessions_pb2.SearchSessionsRequest(query="running the test suite")
+    )
+    for match in found.matches[:3]:
+        print(
+            f"  search 'running the test suite': {match.session.name!r} "
+            f"({match.score:.2f}, matched {', '.join(match.matched_fields)})"
+        )

@@ -16,9 +16,10 @@ SERVICES = {
     "embed": 50052,
     "ingest": 50051,
     "llm": 50053,
+    "sessions": 50054,
     "telemetry": 50055,
 }
-READY_TIMEOUT_SECONDS = {"embed": 180, "ingest": 60, "llm": 600, "telemetry": 30}
+READY_TIMEOUT_SECONDS = {"embed": 180, "ingest": 60, "llm": 600, "sessions": 60, "telemetry": 30}
 
 
 def _port(name: str) -> int:

@@ -24,12 +24,24 @@ MESSAGES = 40
 SUMMARY_CHARS = 2000
 MMR_LAMBDA = 0.7
 _LETTERS = re.compile(r"[^\W\d_]", re.UNICODE)
+# Where a keyphrase cannot run on: sentence ends and line breaks.
+_SENTENCE = re.compile(r"[.!?;:]+\s+|\n+")
 
 
 def candidates(analyzer: Analyzer, text: str, limit: int = CANDIDATES) -> list[str]:
-    words = [w for w in analyzer.words(text) if len(w) >= 3 and _LETTERS.search(w)]
-    counts: Counter[str] = Counter(words)
-    counts.update(f"{a} {b}" for a, b in itertools.pairwise(words) if a != b)
+    """Words and adjacent word pairs within a sentence, most frequent first; a pair and its
+    reverse ("capital france", "france capital") count as one, in its commoner order."""
+    counts: Counter[str] = Counter()
+    pairs: dict[frozenset[str], Counter[str]] = {}
+    for sentence in _SENTENCE.split(text):
+        words = [w for w in analyzer.words(sentence) if len(w) >= 3 and _LETTERS.search(w)]
+        counts.update(words)
+        for a, b in itertools.pairwise(words):
+            if a != b:
+                pairs.setdefault(frozenset((a, b)), Counter())[f"{a} {b}"] += 1
+    for forms in pairs.values():
+        ((form, _),) = forms.most_common(1)
+        counts[form] = sum(forms.values())
     ranked = sorted(counts, key=lambda phrase: (-counts[phrase], phrase))
     return ranked[:limit]
 
