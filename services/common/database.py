@@ -109,6 +109,22 @@ async def migrate(engine: AsyncEngine, migrations_dir: Path, lock_key: int) -> N
         await connection.run_sync(upgrade)
 
 
+def run_alembic_env(metadata) -> None:
+    """The body of a service's migrations/env.py: migrate on the connection `migrate`
+    hands Alembic, against the service's own tables."""
+    from alembic import context
+
+    connection = context.config.attributes["connection"]
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        # SQLite cannot ALTER most things in place; batch mode rebuilds tables instead.
+        render_as_batch=connection.dialect.name == "sqlite",
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
 class Database:
     """One database: `read()` and `write()` sessions, each one transaction."""
 

@@ -1,15 +1,6 @@
 """Alembic environment: runs on the connection the ingest service hands it at start."""
 
-from alembic import context
-
+from services.common.database import run_alembic_env
 from services.ingest.storage import Base
 
-connection = context.config.attributes["connection"]
-context.configure(
-    connection=connection,
-    target_metadata=Base.metadata,
-    # SQLite cannot ALTER most things in place; batch mode rebuilds tables instead.
-    render_as_batch=connection.dialect.name == "sqlite",
-)
-with context.begin_transaction():
-    context.run_migrations()
+run_alembic_env(Base.metadata)
