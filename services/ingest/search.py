@@ -1,7 +1,9 @@
 """Search over a tenant's chunks: keyword (BM25), semantic (embeddings) and hybrid.
 
-Hybrid fuses the channels by a convex combination of min-max normalised scores, which
-beat reciprocal rank fusion on our evaluation set (see README, Search).
+Hybrid fuses the channels by a weighted sum of scores divided by each channel's top score
+("ratio"), which beat the better single channel on both our evaluation sets, where
+min-max ("convex") and reciprocal rank fusion ("rrf") each lost on one (docs/decisions.md,
+Search).
 
 Candidates come from the in-process SearchIndex (keyword, and vectors on the embedded
 default) or Qdrant (vectors on a server); every hit is then read back from SQL, so only
@@ -66,6 +68,30 @@ def check_query(text: str, top_k: int) -> None:
         raise InvalidArgument(f"top_k must be 1-{MAX_TOP_K}, got {top_k}", field="top_k")
 
 
+def top_ratio_fusion(
+    keyword: list[tuple[str, float]], semantic: list[tuple[str, float]], semantic_weight: float
+) -> dict[str, float]:
+    """weight * semantic + (1 - weight) * keyword, each score divided by its channel's top
+    score; a chunk one channel did not return counts as that channel's lowest ratio.
+
+    Dividing by the top (not min-max) keeps each channel's own contrast for this query: a
+    BM25 list whose first hit matches a rare identifier stays steep and decides the order,
+    a cosine list whose hits are all alike stays flat and only reorders them.
+    """
+    channels = []
+    for weight, run in ((1.0 - semantic_weight, keyword), (semantic_weight, semantic)):
+        if not run:
+            continue
+        top = max(score for _, score in run)
+        ratios = {key: max(score, 0.0) / top if top > 0 else 1.0 for key, score in run}
+        channels.append((weight, ratios, min(ratios.values())))
+    keys = set().union(*(ratios for _, ratios, _ in channels))
+    return {
+        key: sum(weight * ratios.get(key, floor) for weight, ratios, floor in channels)
+        for key in keys
+    }
+
+
 def convex_fusion(
     keyword: list[tuple[str, float]], semantic: list[tuple[str, float]], semantic_weight: float
 ) -> dict[str, float]:
@@ -104,7 +130,7 @@ class Retrieval:
         vectors: VectorIndex,
         embed: EmbedClient,
         *,
-        fusion: str = "convex",
+        fusion: str = "ratio",
         semantic_weight: float = 0.7,
         rrf_k: int = 60,
         keep_vectors_in_memory: bool,
@@ -184,8 +210,10 @@ class Retrieval:
             scores = reciprocal_rank_fusion(
                 [[cid for cid, _ in keyword], [cid for cid, _ in semantic]], self._rrf_k
             )
-        elif query.mode == HYBRID:
+        elif query.mode == HYBRID and self._fusion == "convex":
             scores = convex_fusion(keyword, semantic, self._semantic_weight)
+        elif query.mode == HYBRID:
+            scores = top_ratio_fusion(keyword, semantic, self._semantic_weight)
         else:
             scores = dict(keyword if query.mode == KEYWORD else semantic)
         ranked = sorted(scores, key=lambda cid: -scores[cid])

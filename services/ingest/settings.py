@@ -15,9 +15,10 @@ class IngestSettings(ServiceSettings):
     )
 
     port: int = Field(default=50051, ge=0, le=65535)
-    # Hybrid search: "convex" scores semantic_weight * semantic + (1 - semantic_weight) *
-    # keyword on min-max normalised scores; "rrf" is reciprocal rank fusion with rrf_k.
-    fusion: Literal["convex", "rrf"] = "convex"
+    # Hybrid search: semantic_weight * semantic + (1 - semantic_weight) * keyword, each
+    # score divided by its channel's top score ("ratio") or min-max normalised ("convex");
+    # "rrf" is reciprocal rank fusion with rrf_k.
+    fusion: Literal["ratio", "convex", "rrf"] = "ratio"
     semantic_weight: float = Field(default=0.7, ge=0, le=1)
     rrf_k: int = Field(default=60, ge=1)
     # Seconds between catching up with documents other replicas indexed or deleted.
