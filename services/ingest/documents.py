@@ -23,7 +23,7 @@ from services.common.errors import (
 from services.common.pages import bad_page_token
 from services.ingest import storage
 from services.ingest.blobs import BlobStore, TooLarge
-from services.ingest.index import VectorIndex
+from services.ingest.index import ChunkVectors
 from services.ingest.parsers import SUPPORTED, sniff
 from services.ingest.search_index import SearchIndex
 from services.ingest.storage import ChunkRow, DocumentRow
@@ -123,7 +123,7 @@ class Documents:
         self,
         sessions: async_sessionmaker[AsyncSession],
         blobs: BlobStore,
-        index: VectorIndex,
+        vectors: ChunkVectors,
         search_index: SearchIndex,
         signals: JobSignals,
         *,
@@ -132,7 +132,7 @@ class Documents:
     ) -> None:
         self._sessions = sessions
         self._blobs = blobs
-        self._index = index
+        self._vectors = vectors
         self._search_index = search_index
         self._signals = signals
         self._max_upload_bytes = max_upload_bytes
@@ -351,7 +351,7 @@ class Documents:
         A worker passes the owner of its lease on the delete job: the rows go only while
         it still holds it. DeleteDocument itself passes none."""
         self._search_index.remove_document(document_id)
-        await self._index.delete_document(document_id)
+        await self._vectors.delete_document(document_id)
         await asyncio.to_thread(self._blobs.delete, document_id)
         async with writing(self._sessions) as session:
             if owner:

@@ -1,47 +1,58 @@
-"""Where chunk embeddings are searched: a Qdrant server, or exact search in process.
+"""Chunk vectors in the shared VectorStore (services/common/vectors.py): Qdrant Edge shards
+under <data_dir>/vectors by default, a Qdrant server when QDRANT_URL is set.
 
-With `qdrant_url` set, vectors go to Qdrant (one collection per embedding model and
-dimension, payload indexes on the filter fields). Without it, the embedded default keeps
-vectors in the chunk rows and searches them exactly in memory (`SearchIndex`): Qdrant's
-local mode measured 0.2 s per query unfiltered and 4.7 s with a tenant filter at 100k
-chunks here, and 3.9 ms per point to upsert (see bench/search_bench.py).
+One collection per embedding model and dimension, so vectors never mix; a document's row
+names the collection its vectors went to. A point's id is its chunk's id and its payload
+what a search filters on (indexed). The chunk rows keep their vectors too, so the store
+can be checked, repaired or rebuilt without embedding again (services/ingest/repair.py).
 """
 
-import contextlib
-import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
-from qdrant_client import AsyncQdrantClient, models
-from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from services.common.errors import Unavailable
-from services.ingest.search_index import Filter, SearchIndex
+from services.common.vectors import (
+    Condition,
+    Match,
+    Prefix,
+    VectorPoint,
+    VectorStore,
+    where,
+)
+from services.ingest.search_index import Filter
+from services.ingest.storage import ChunkRow
 
-_LOGGER = logging.getLogger(__name__)
-# HTTP statuses of a Qdrant server (or the proxy before it) that is down or overloaded.
-_UNAVAILABLE_STATUSES = {502, 503, 504}
-
-_PAYLOAD_INDEXES = {
-    "document_id": models.PayloadSchemaType.KEYWORD,
-    "tenant": models.PayloadSchemaType.KEYWORD,
-    "tags": models.PayloadSchemaType.KEYWORD,
-    "mime_type": models.PayloadSchemaType.KEYWORD,
-}
+COLLECTIONS = Prefix("chunks_")
+INDEXED_FIELDS = ("tenant", "document_id", "tags", "mime_type")
 
 
 @dataclass(frozen=True)
 class Point:
     id: str
-    vector: list[float]
+    vector: Sequence[float] | np.ndarray
     document_id: str
     chunk_index: int
     tenant: str
-    tags: list[str]
+    tags: Sequence[str]
     mime_type: str
+
+    def to_vector_point(self) -> VectorPoint:
+        payload = {
+            "document_id": self.document_id,
+            "chunk_index": self.chunk_index,
+            "tenant": self.tenant,
+            "tags": list(self.tags),
+            "mime_type": self.mime_type,
+        }
+        return VectorPoint(self.id, self.vector, payload)
+
+
+def point_of(chunk: ChunkRow, mime_type: str, tags: Sequence[str]) -> Point:
+    """The point of a chunk row whose embedding was loaded (storage: vectors=True)."""
+    vector = np.frombuffer(chunk.vector, dtype=np.float32)
+    return Point(chunk.id, vector, chunk.document_id, chunk.index, chunk.tenant, tags, mime_type)
 
 
 def collection_name(model: str, dimension: int) -> str:
@@ -50,168 +61,42 @@ def collection_name(model: str, dimension: int) -> str:
     return f"chunks_{slug or 'model'}_{dimension}"
 
 
-class VectorIndex(Protocol):
-    async def ensure_collection(self, name: str, dimension: int) -> None: ...
-
-    async def upsert(self, collection: str, points: list[Point]) -> None: ...
-
-    async def delete_document(self, document_id: str) -> None: ...
-
-    async def count_document(self, document_id: str) -> int: ...
-
-    async def search(
-        self, collection: str, vector: np.ndarray, where: Filter, limit: int
-    ) -> list[tuple[str, float]]: ...
-
-    async def close(self) -> None: ...
+def conditions(search_filter: Filter) -> list[Condition]:
+    """A search filter as store conditions: the tenant, any of the documents and of the
+    types, every one of the tags."""
+    found: list[Condition] = [Match("tenant", search_filter.tenant)]
+    if search_filter.document_ids:
+        found.append(Match("document_id", search_filter.document_ids))
+    found.extend(Match("tags", tag) for tag in search_filter.tags)
+    if search_filter.mime_types:
+        found.append(Match("mime_type", search_filter.mime_types))
+    return found
 
 
-class LocalVectorIndex:
-    """Vectors live in the chunk rows and in the in-process SearchIndex."""
+class ChunkVectors:
+    """Ingest's view of the store: chunk points written, searched and removed by document."""
 
-    def __init__(self, search_index: SearchIndex) -> None:
-        self._search_index = search_index
-
-    async def ensure_collection(self, name: str, dimension: int) -> None:
-        pass
-
-    async def upsert(self, collection: str, points: list[Point]) -> None:
-        # Stored with the chunk rows, which commit together with READY.
-        pass
-
-    async def delete_document(self, document_id: str) -> None:
-        self._search_index.remove_document(document_id)
-
-    async def count_document(self, document_id: str) -> int:
-        return self._search_index.count_document(document_id)
-
-    async def search(self, collection, vector, where, limit):
-        return self._search_index.semantic(vector, where, limit)
+    def __init__(self, store: VectorStore) -> None:
+        self.store = store
 
     async def close(self) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def _reachable() -> Iterator[None]:
-    """A Qdrant server that cannot be reached, or answers that it is overloaded or down,
-    is UNAVAILABLE (retry later), not an internal error."""
-    try:
-        yield
-    except ResponseHandlingException as exc:
-        raise _unavailable(exc.source) from exc
-    except UnexpectedResponse as exc:
-        if exc.status_code not in _UNAVAILABLE_STATUSES:
-            raise
-        raise _unavailable(exc) from exc
-
-
-def _unavailable(cause: Exception) -> Unavailable:
-    return Unavailable(
-        f"the Qdrant server (vector store) is unavailable: {cause}",
-        reason="VECTOR_STORE_UNAVAILABLE",
-        metadata={"upstream": "qdrant"},
-    )
-
-
-class QdrantVectorIndex:
-    def __init__(self, client: AsyncQdrantClient) -> None:
-        self._client = client
-        # Collections known to exist.
-        self._ready: set[str] = set()
-
-    async def close(self) -> None:
-        await self._client.close()
+        await self.store.close()
 
     async def ensure_collection(self, name: str, dimension: int) -> None:
-        with _reachable():
-            await self._ensure_collection(name, dimension)
+        await self.store.ensure_collection(name, dimension, INDEXED_FIELDS)
 
-    async def _ensure_collection(self, name: str, dimension: int) -> None:
-        if name in self._ready:
-            return
-        if not await self._client.collection_exists(name):
-            _LOGGER.info("creating Qdrant collection %s (%d dimensions)", name, dimension)
-            await self._client.create_collection(
-                name,
-                vectors_config=models.VectorParams(size=dimension, distance=models.Distance.COSINE),
-            )
-            for field, schema in _PAYLOAD_INDEXES.items():
-                await self._client.create_payload_index(name, field, field_schema=schema)
-        self._ready.add(name)
-
-    async def upsert(self, collection: str, points: list[Point]) -> None:
-        structs = [
-            models.PointStruct(
-                id=point.id,
-                vector=point.vector,
-                payload={
-                    "document_id": point.document_id,
-                    "chunk_index": point.chunk_index,
-                    "tenant": point.tenant,
-                    "tags": point.tags,
-                    "mime_type": point.mime_type,
-                },
-            )
-            for point in points
-        ]
-        with _reachable():
-            await self._client.upsert(collection, points=structs, wait=True)
+    async def upsert(self, collection: str, points: Sequence[Point]) -> None:
+        await self.store.upsert(collection, [point.to_vector_point() for point in points])
 
     async def delete_document(self, document_id: str) -> None:
         """Removes the document's points from every chunk collection (models may change)."""
-        selector = models.FilterSelector(filter=_match("document_id", document_id))
-        with _reachable():
-            for name in await self._collections():
-                await self._client.delete(name, points_selector=selector, wait=True)
+        await self.store.delete(COLLECTIONS, where(document_id=document_id))
 
     async def count_document(self, document_id: str) -> int:
-        total = 0
-        with _reachable():
-            for name in await self._collections():
-                result = await self._client.count(
-                    name, count_filter=_match("document_id", document_id), exact=True
-                )
-                total += result.count
-        return total
+        return await self.store.count(COLLECTIONS, where(document_id=document_id))
 
-    async def search(self, collection, vector, where, limit):
-        with _reachable():
-            if collection not in self._ready:
-                if not await self._client.collection_exists(collection):
-                    # Nothing was stored with this embedding model yet: nothing matches.
-                    return []
-                self._ready.add(collection)
-            return await self._search(collection, vector, where, limit)
-
-    async def _search(self, collection, vector, where, limit):
-        must: list[models.Condition] = [_condition("tenant", where.tenant)]
-        if where.document_ids:
-            must.append(
-                models.FieldCondition(
-                    key="document_id", match=models.MatchAny(any=list(where.document_ids))
-                )
-            )
-        must.extend(_condition("tags", tag) for tag in where.tags)
-        if where.mime_types:
-            must.append(
-                models.FieldCondition(
-                    key="mime_type", match=models.MatchAny(any=list(where.mime_types))
-                )
-            )
-        answer = await self._client.query_points(
-            collection, query=vector.tolist(), query_filter=models.Filter(must=must), limit=limit
-        )
-        return [(str(point.id), point.score) for point in answer.points]
-
-    async def _collections(self) -> list[str]:
-        response = await self._client.get_collections()
-        return [c.name for c in response.collections if c.name.startswith("chunks_")]
-
-
-def _condition(key: str, value: str) -> models.FieldCondition:
-    return models.FieldCondition(key=key, match=models.MatchValue(value=value))
-
-
-def _match(key: str, value: str) -> models.Filter:
-    return models.Filter(must=[_condition(key, value)])
+    async def search(
+        self, collection: str, vector: np.ndarray, search_filter: Filter, limit: int
+    ) -> list[tuple[str, float]]:
+        """(chunk id, cosine similarity), best first; a missing collection finds nothing."""
+        return await self.store.search(collection, vector, conditions(search_filter), limit)

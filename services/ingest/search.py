@@ -5,9 +5,9 @@ Hybrid fuses the channels by a weighted sum of scores divided by each channel's 
 min-max ("convex") and reciprocal rank fusion ("rrf") each lost on one (docs/decisions.md,
 Search).
 
-Candidates come from the in-process SearchIndex (keyword, and vectors on the embedded
-default) or Qdrant (vectors on a server); every hit is then read back from SQL, so only
-chunks of READY documents in the caller's tenant are ever returned.
+Keyword candidates come from the in-process SearchIndex, semantic ones from the vector
+store; every hit is then read back from SQL, so only chunks of READY documents in the
+caller's tenant are ever returned.
 """
 
 import asyncio
@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.common.errors import InvalidArgument
 from services.ingest import storage
 from services.ingest.embed_client import EmbedClient
-from services.ingest.index import VectorIndex, collection_name
+from services.ingest.index import ChunkVectors, Point, collection_name, point_of
 from services.ingest.search_index import Filter, IndexedChunk, SearchIndex
 from services.ingest.storage import ChunkRow
 
@@ -127,14 +127,17 @@ class Retrieval:
         self,
         sessions: async_sessionmaker[AsyncSession],
         search_index: SearchIndex,
-        vectors: VectorIndex,
+        vectors: ChunkVectors,
         embed: EmbedClient,
         *,
         fusion: str = "ratio",
         semantic_weight: float = 0.7,
         rrf_k: int = 60,
-        keep_vectors_in_memory: bool,
+        catch_up_vectors: bool = False,
     ) -> None:
+        """catch_up_vectors: the vector store is this replica's own (an Edge shard beside
+        other replicas'), so documents other replicas made READY or removed are written
+        to it or removed from it too, from the vectors their chunk rows keep."""
         self._sessions = sessions
         self._index = search_index
         self._vectors = vectors
@@ -142,32 +145,39 @@ class Retrieval:
         self._fusion = fusion
         self._semantic_weight = semantic_weight
         self._rrf_k = rrf_k
-        self._keep_vectors = keep_vectors_in_memory
+        self._catch_up = catch_up_vectors
 
     async def load(self, document_ids: list[str] | None = None) -> int:
-        """Indexes READY documents' chunks from SQL (all, or these); returns chunk count."""
+        """Indexes READY documents' chunks from SQL (all, or these) for keyword search, and
+        with catch_up_vectors (only these) writes their vectors; returns the chunk count."""
+        with_vectors = self._catch_up and document_ids is not None
         loaded = 0
-        batch: list[IndexedChunk] = []
+        batch: list[tuple[ChunkRow, str, list[str], str]] = []
         async with self._sessions() as session:
-            result = await storage.ready_chunks(session, document_ids)
-            async for chunk, mime_type, tags in result:
-                batch.append(self._indexed(chunk, mime_type, tags))
+            result = await storage.ready_chunks(session, document_ids, vectors=with_vectors)
+            async for row in result:
+                batch.append(tuple(row))
                 if len(batch) >= 2000:
-                    loaded += await self._add(batch)
+                    loaded += await self._add(batch, with_vectors)
                     batch = []
         if batch:
-            loaded += await self._add(batch)
+            loaded += await self._add(batch, with_vectors)
         return loaded
 
-    def _indexed(self, chunk: ChunkRow, mime_type: str, tags) -> IndexedChunk:
-        vector = None
-        if self._keep_vectors and chunk.vector is not None:
-            vector = np.frombuffer(chunk.vector, dtype=np.float32)
-        return IndexedChunk(
-            chunk.id, chunk.document_id, chunk.tenant, mime_type, tuple(tags), chunk.text, vector
-        )
-
-    async def _add(self, chunks: list[IndexedChunk]) -> int:
+    async def _add(self, rows: list[tuple[ChunkRow, str, list[str], str]], vectors: bool) -> int:
+        if vectors:
+            by_collection: dict[str, list[Point]] = {}
+            for chunk, mime_type, tags, collection in rows:
+                if collection and chunk.vector is not None:
+                    point = point_of(chunk, mime_type, tags)
+                    by_collection.setdefault(collection, []).append(point)
+            for collection, points in by_collection.items():
+                await self._vectors.ensure_collection(collection, len(points[0].vector))
+                await self._vectors.upsert(collection, points)
+        chunks = [
+            IndexedChunk(c.id, c.document_id, c.tenant, mime_type, tuple(tags), c.text)
+            for c, mime_type, tags, _ in rows
+        ]
         # Analysis (tokenizing, stemming) is CPU work: keep it off the event loop.
         await asyncio.to_thread(self._index.add, chunks)
         return len(chunks)
@@ -175,9 +185,10 @@ class Retrieval:
     async def add_chunks(
         self, document_id: str, chunks: list[ChunkRow], mime_type: str, tags
     ) -> None:
-        """Indexes a document's chunks (replacing any it had) as it becomes READY."""
+        """Indexes a document's chunks for keyword search (replacing any it had) as it
+        becomes READY; its vectors are already stored."""
         self._index.remove_document(document_id)
-        await self._add([self._indexed(chunk, mime_type, tags) for chunk in chunks])
+        await self._add([(chunk, mime_type, tags, "") for chunk in chunks], vectors=False)
 
     def remove_document(self, document_id: str) -> None:
         self._index.remove_document(document_id)
@@ -191,6 +202,8 @@ class Retrieval:
             # A document still being processed is indexed just before it turns READY.
             if statuses.get(document_id, storage.DELETING) in (storage.DELETING, storage.FAILED):
                 self._index.remove_document(document_id)
+                if self._catch_up:
+                    await self._vectors.delete_document(document_id)
         ready = {d for d, status in statuses.items() if status == storage.READY}
         missing = sorted(ready - indexed)
         if missing:

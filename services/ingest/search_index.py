@@ -1,9 +1,8 @@
-"""In-process search structures over chunks: BM25 postings, exact vectors, filter columns.
+"""The in-process keyword index over chunks: BM25 postings and filter columns.
 
 Keyword search lives here on every backend, so a query ranks the same on SQLite and
-PostgreSQL: the analyzer and the BM25 formula are ours, not the database's. Vectors are
-kept here too for exact cosine search when no Qdrant server is configured (Qdrant's
-local mode scans in Python and filters point by point, far slower at 100k chunks).
+PostgreSQL: the analyzer and the BM25 formula are ours, not the database's. Vectors live
+in the vector store (services/ingest/index.py), not here.
 """
 
 import threading
@@ -24,8 +23,6 @@ class IndexedChunk:
     mime_type: str
     tags: tuple[str, ...]
     text: str
-    # Unit-length embedding; None when vectors are kept elsewhere (a Qdrant server).
-    vector: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -50,7 +47,7 @@ class _Codes:
 
 
 class SearchIndex:
-    """Chunks in slots; each slot has filter columns, a term count, postings and a vector."""
+    """Chunks in slots; each slot has filter columns, a term count and postings."""
 
     def __init__(self, analyzer: Analyzer, k1: float = 1.2, b: float = 0.75) -> None:
         self.analyzer = analyzer
@@ -63,8 +60,6 @@ class SearchIndex:
         self._document = np.zeros(0, dtype=np.int32)
         self._mime = np.zeros(0, dtype=np.int32)
         self._length = np.zeros(0, dtype=np.float32)
-        # Allocated when the first vector arrives, at that vector's dimension.
-        self._vectors: np.ndarray | None = None
         self._chunk_ids: list[str] = []
         self._slot_of: dict[str, int] = {}
         self._postings: dict[str, tuple[array, array]] = {}
@@ -91,8 +86,6 @@ class SearchIndex:
             grown(self._document),
         )
         self._mime, self._length = grown(self._mime), grown(self._length)
-        if self._vectors is not None:
-            self._vectors = grown(self._vectors)
         self._capacity = capacity
 
     def add(self, chunks: Sequence[IndexedChunk]) -> None:
@@ -115,10 +108,6 @@ class SearchIndex:
         self._document[slot] = document
         self._mime[slot] = self._mimes.code(chunk.mime_type)
         self._length[slot] = len(terms)
-        if chunk.vector is not None:
-            if self._vectors is None:
-                self._vectors = np.zeros((self._capacity, len(chunk.vector)), dtype=np.float32)
-            self._vectors[slot] = chunk.vector
         self._chunk_ids.append(chunk.chunk_id)
         self._slot_of[chunk.chunk_id] = slot
         self._document_slots.setdefault(document, []).append(slot)
@@ -149,11 +138,6 @@ class SearchIndex:
     def has_document(self, document_id: str) -> bool:
         code = self._documents.by_value.get(document_id)
         return code is not None and code in self._document_slots
-
-    def count_document(self, document_id: str) -> int:
-        code = self._documents.by_value.get(document_id)
-        slots = self._document_slots.get(code, []) if code is not None else []
-        return int(self._alive[slots].sum()) if slots else 0
 
     def document_ids(self) -> set[str]:
         with self._lock:
@@ -210,41 +194,16 @@ class SearchIndex:
                 norm = self.k1 * (1 - self.b + self.b * self._length[slots] / average_length)
                 scores[slots] += idf * frequencies * (self.k1 + 1) / (frequencies + norm)
             scores[~mask] = 0
-            return self._top(scores, limit, positive_only=True)
+            return self._top(scores, limit)
 
     def _tenant_code(self, where: Filter) -> int:
         return self._tenants.by_value[where.tenant]
 
-    def semantic(self, vector: np.ndarray, where: Filter, limit: int) -> list[tuple[str, float]]:
-        """Exact cosine similarity; vector must have unit length."""
-        with self._lock:
-            mask = self._mask(where)
-            if mask is None or self._vectors is None:
-                return []
-            selected = np.flatnonzero(mask)
-            if len(selected) == 0:
-                return []
-            if len(selected) * 4 < self._size:
-                # A selective filter: gathering the few rows beats scanning them all.
-                similarities = self._vectors[selected] @ vector
-                order = self._best(similarities, limit)
-                return [(self._chunk_ids[selected[i]], float(similarities[i])) for i in order]
-            scores = self._vectors[: self._size] @ vector
-            scores[~mask] = -np.inf
-            return self._top(scores, limit, positive_only=False)
-
-    @staticmethod
-    def _best(scores: np.ndarray, limit: int) -> np.ndarray:
+    def _top(self, scores: np.ndarray, limit: int) -> list[tuple[str, float]]:
+        """The best `limit` slots with a positive score, best first."""
         if len(scores) > limit:
             candidates = np.argpartition(-scores, limit)[:limit]
         else:
             candidates = np.arange(len(scores))
-        return candidates[np.argsort(-scores[candidates], kind="stable")]
-
-    def _top(self, scores: np.ndarray, limit: int, positive_only: bool) -> list[tuple[str, float]]:
-        order = self._best(scores, limit)
-        return [
-            (self._chunk_ids[slot], float(scores[slot]))
-            for slot in order
-            if np.isfinite(scores[slot]) and (scores[slot] > 0 or not positive_only)
-        ]
+        order = candidates[np.argsort(-scores[candidates], kind="stable")]
+        return [(self._chunk_ids[slot], float(scores[slot])) for slot in order if scores[slot] > 0]

@@ -26,10 +26,15 @@ class IngestSettings(ServiceSettings):
     # SQLAlchemy async URL; empty means SQLite at <data_dir>/ingest.db.
     # PostgreSQL: postgresql+asyncpg://user:password@host:5432/ragmesh
     database_url: str = ""
-    # A Qdrant server for the vectors, for example http://qdrant:6333. Empty (the embedded
-    # default) keeps vectors in the database and searches them exactly in memory.
+    # A Qdrant server for the vectors, for example http://qdrant:6333, shared by every
+    # replica. Empty (the embedded default) keeps them in Qdrant Edge shards under
+    # <data_dir>/ingest-vectors, which one process owns.
     qdrant_url: str = ""
     qdrant_api_key: str = ""
+    # Without qdrant_url on PostgreSQL, which several replicas may share: true gives this
+    # replica its own Edge shard that catches up from the database (at start, and every
+    # index_sync_seconds); false refuses to start. Ignored with qdrant_url.
+    edge_catch_up: bool = False
     # Where original uploads are kept; empty means <data_dir>/blobs.
     blob_dir: Path | None = None
     embed_target: str = "localhost:50052"
@@ -64,9 +69,28 @@ class IngestSettings(ServiceSettings):
             raise ValueError("chunk_overlap_tokens must be smaller than chunk_tokens")
         return self
 
+    @model_validator(mode="after")
+    def _replicas_share_vectors(self) -> "IngestSettings":
+        shared = self.resolved_database_url.startswith("postgresql")
+        if shared and not self.qdrant_url and not self.edge_catch_up:
+            raise ValueError(
+                "the database is PostgreSQL, which several ingest replicas may share, but "
+                "RAGMESH_INGEST_QDRANT_URL is empty: an embedded Edge shard is one process's "
+                "and would never see the other replicas' documents. Set QDRANT_URL to a "
+                "Qdrant server the replicas share, or RAGMESH_INGEST_EDGE_CATCH_UP=true to "
+                "give each replica its own shard (its own DATA_DIR) that catches up from "
+                "the database"
+            )
+        return self
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'ingest.db'}"
+
+    @property
+    def vector_folder(self) -> Path:
+        """The Edge shards' folder (beside sessions' <data_dir>/vectors when they share one)."""
+        return self.data_dir / "ingest-vectors"
 
     @property
     def resolved_blob_dir(self) -> Path:

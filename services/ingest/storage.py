@@ -73,6 +73,9 @@ class DocumentRow(Base):
     error: Mapped[str] = mapped_column(Text, default="")
     page_count: Mapped[int] = mapped_column(Integer, default=0)
     chunk_count: Mapped[int] = mapped_column(Integer, default=0)
+    # The vector collection its chunks' vectors went to, set as it turns READY; "" for
+    # documents made READY before collections were recorded (repair assigns them one).
+    vector_collection: Mapped[str] = mapped_column(String(255), default="")
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
 
@@ -98,7 +101,9 @@ class DocumentTextRow(Base):
 
 
 class ChunkRow(Base):
-    """A chunk's text, place and embedding (float32 bytes, unit length)."""
+    """A chunk's text, place and embedding (float32 bytes, unit length). The embedding is
+    also in the vector store, which is searched; this copy lets the store be checked and
+    rebuilt (services/ingest/repair.py) without embedding again."""
 
     __tablename__ = "chunks"
     __table_args__ = (UniqueConstraint("document_id", "index", name="uq_chunks_document_index"),)
@@ -244,18 +249,101 @@ async def list_chunks(
     )
 
 
-async def ready_chunks(session: AsyncSession, document_ids: list[str] | None = None):
-    """(chunk, mime type, tags) with the embedding, for READY documents (all, or these)."""
+async def ready_chunks(
+    session: AsyncSession, document_ids: list[str] | None = None, *, vectors: bool = False
+):
+    """(chunk, mime type, tags, vector collection) for READY documents (all, or these);
+    the chunk's embedding is loaded only with `vectors`."""
     query = (
-        select(ChunkRow, DocumentRow.mime_type, DocumentRow.tags)
+        select(ChunkRow, DocumentRow.mime_type, DocumentRow.tags, DocumentRow.vector_collection)
         .join(DocumentRow, DocumentRow.id == ChunkRow.document_id)
         .where(DocumentRow.status == READY)
-        .options(undefer(ChunkRow.vector))
         .order_by(ChunkRow.document_id, ChunkRow.index)
     )
+    if vectors:
+        query = query.options(undefer(ChunkRow.vector))
     if document_ids is not None:
         query = query.where(ChunkRow.document_id.in_(document_ids))
     return await session.stream(query.execution_options(yield_per=2000))
+
+
+async def ready_chunk_ids(session: AsyncSession, collections: list[str]):
+    """Ids of the chunks of READY documents whose vectors belong in one of `collections`."""
+    query = (
+        select(ChunkRow.id)
+        .join(DocumentRow, DocumentRow.id == ChunkRow.document_id)
+        .where(DocumentRow.status == READY, DocumentRow.vector_collection.in_(collections))
+    )
+    return await session.stream_scalars(query.execution_options(yield_per=10_000))
+
+
+async def ready_collections(session: AsyncSession) -> dict[str, int]:
+    """vector collection -> number of READY documents naming it ("" for none)."""
+    query = (
+        select(DocumentRow.vector_collection, func.count())
+        .where(DocumentRow.status == READY)
+        .group_by(DocumentRow.vector_collection)
+    )
+    return dict((await session.execute(query)).all())
+
+
+async def assign_collection(session: AsyncSession, collection: str) -> int:
+    """Names `collection` on every READY document that names none; returns how many."""
+    result = await session.execute(
+        update(DocumentRow)
+        .where(DocumentRow.status == READY, DocumentRow.vector_collection == "")
+        .values(vector_collection=collection)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount
+
+
+async def chunk_vectors(session: AsyncSession, chunk_ids: list[str], collections: list[str]):
+    """(chunk with its embedding, mime type, tags) for those chunks whose document is
+    READY with its vectors in one of `collections`."""
+    query = (
+        select(ChunkRow, DocumentRow.mime_type, DocumentRow.tags)
+        .join(DocumentRow, DocumentRow.id == ChunkRow.document_id)
+        .where(
+            ChunkRow.id.in_(chunk_ids),
+            DocumentRow.status == READY,
+            DocumentRow.vector_collection.in_(collections),
+        )
+        .options(undefer(ChunkRow.vector))
+    )
+    return (await session.execute(query)).all()
+
+
+async def ready_among(session: AsyncSession, chunk_ids: list[str], collections: list[str]):
+    """Those of `chunk_ids` that are chunks of READY documents in one of `collections`."""
+    found: list[str] = []
+    for first in range(0, len(chunk_ids), 1000):
+        query = (
+            select(ChunkRow.id)
+            .join(DocumentRow, DocumentRow.id == ChunkRow.document_id)
+            .where(
+                ChunkRow.id.in_(chunk_ids[first : first + 1000]),
+                DocumentRow.status == READY,
+                DocumentRow.vector_collection.in_(collections),
+            )
+        )
+        found.extend(await session.scalars(query))
+    return found
+
+
+async def ready_among_documents(session: AsyncSession, document_ids: list[str]) -> list[str]:
+    query = select(DocumentRow.id).where(
+        DocumentRow.id.in_(document_ids), DocumentRow.status == READY
+    )
+    return list(await session.scalars(query))
+
+
+async def unsettled_documents(session: AsyncSession) -> list[str]:
+    """Documents whose points may exist without READY chunks naming their collection:
+    those being processed (points come before READY) and READY ones naming none."""
+    processing = DocumentRow.status.in_((PENDING, PARSING, CHUNKING, EMBEDDING))
+    unnamed = and_(DocumentRow.status == READY, DocumentRow.vector_collection == "")
+    return list(await session.scalars(select(DocumentRow.id).where(or_(processing, unnamed))))
 
 
 async def document_statuses(session: AsyncSession) -> dict[str, str]:

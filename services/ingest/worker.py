@@ -17,7 +17,7 @@ from services.ingest.blobs import BlobStore
 from services.ingest.chunker import TokenizerLimits, plan_chunks, token_spans
 from services.ingest.documents import Documents, JobSignals
 from services.ingest.embed_client import EmbedClient
-from services.ingest.index import Point, VectorIndex, collection_name
+from services.ingest.index import ChunkVectors, Point, collection_name
 from services.ingest.parsers import ParseError, parse
 from services.ingest.search import Retrieval
 from services.ingest.settings import IngestSettings
@@ -49,7 +49,7 @@ class WorkerPool:
         sessions: async_sessionmaker[AsyncSession],
         documents: Documents,
         blobs: BlobStore,
-        index: VectorIndex,
+        vectors: ChunkVectors,
         embed: EmbedClient,
         signals: JobSignals,
         retrieval: Retrieval,
@@ -58,7 +58,7 @@ class WorkerPool:
         self._sessions = sessions
         self._documents = documents
         self._blobs = blobs
-        self._index = index
+        self._vectors = vectors
         self._embed = embed
         self._signals = signals
         self._retrieval = retrieval
@@ -262,7 +262,7 @@ class WorkerPool:
         """A FAILED or deleted document keeps no vectors: those its batches stored go."""
         self._retrieval.remove_document(document_id)
         try:
-            await self._index.delete_document(document_id)
+            await self._vectors.delete_document(document_id)
         except Exception:
             _LOGGER.warning(
                 "could not remove the vectors of document %s; deleting it removes them",
@@ -326,7 +326,7 @@ class WorkerPool:
 
         await self._move(job, storage.EMBEDDING)
         collection = collection_name(model.name, model.dimension)
-        await self._index.ensure_collection(collection, model.dimension)
+        await self._vectors.ensure_collection(collection, model.dimension)
         texts = [parsed.text[spec.start : spec.end] for spec in plan]
         limiter = asyncio.Semaphore(settings.embed_concurrency)
         batch = min(settings.embed_batch_size, model.max_texts)
@@ -337,7 +337,7 @@ class WorkerPool:
                 vectors = await self._embed.embed(texts[first : first + batch])
                 for offset, vector in enumerate(vectors):
                     embeddings[first + offset] = np.asarray(vector, dtype=np.float32).tobytes()
-                await self._index.upsert(
+                await self._vectors.upsert(
                     collection,
                     [
                         Point(
@@ -380,8 +380,9 @@ class WorkerPool:
             )
             for position, (spec, text) in enumerate(zip(plan, texts, strict=True))
         ]
-        # Searchable before READY commits, so a caller who sees READY finds the chunks;
-        # until then search drops them, as it reads every hit back from READY rows.
+        # Searchable before READY commits (the vectors are stored already, durably), so a
+        # caller who sees READY finds the chunks; until then search drops them, as it
+        # reads every hit back from READY rows.
         await self._retrieval.add_chunks(document_id, chunks, row.mime_type, row.tags)
         async with writing(self._sessions) as session:
             await self._hold(session, job)
@@ -393,6 +394,7 @@ class WorkerPool:
                 expect=(storage.EMBEDDING,),
                 chunk_count=len(chunks),
                 error="",
+                vector_collection=collection,
             ):
                 raise _Gone
             await storage.finish_job(session, document_id, storage.JOB_INGEST, job.lease_owner)

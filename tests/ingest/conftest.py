@@ -63,6 +63,8 @@ def make_settings(backend, embed_server, request):
             port=0,
             data_dir=data_dir,
             database_url=url,
+            # PostgreSQL without a Qdrant server: each replica's own Edge shard.
+            edge_catch_up=bool(url),
             embed_target=embed_server,
             api_keys=API_KEYS,
             workers=2,
@@ -150,6 +152,16 @@ async def embed_proxy(embed_server):
     await proxy.close()
 
 
+def environment(settings: IngestSettings) -> dict[str, str]:
+    """The environment that gives a process of its own these settings."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump(mode="json").items():
+        if value is not None:
+            text = json.dumps(value) if isinstance(value, dict | list | bool) else str(value)
+            env[f"RAGMESH_INGEST_{name.upper()}"] = text
+    return env
+
+
 class IngestProcess:
     """The ingest service in a process of its own (`python -m services.ingest`), so a test
     can kill it the way a crash or the kernel's OOM killer does: no shutdown, no cleanup."""
@@ -159,11 +171,7 @@ class IngestProcess:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         self.target = f"127.0.0.1:{port}"
-        self._env = {**os.environ, "RAGMESH_INGEST_PORT": str(port)}
-        for name, value in settings.model_dump(mode="json", exclude={"port"}).items():
-            if value is not None:
-                text = json.dumps(value) if isinstance(value, dict | list | bool) else str(value)
-                self._env[f"RAGMESH_INGEST_{name.upper()}"] = text
+        self._env = environment(settings.model_copy(update={"port": port}))
         self._log = log
         self._process: asyncio.subprocess.Process | None = None
 

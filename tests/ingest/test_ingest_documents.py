@@ -89,7 +89,7 @@ async def test_markdown_goes_through_every_stage_to_ready(client, ingest_app):
     # A heading starts a new chunk, with no overlap into the section before.
     assert usage and usage[0].text.startswith("Usage")
 
-    assert await ingest_app.index.count_document(document.id) == document.chunk_count
+    assert await ingest_app.vectors.count_document(document.id) == document.chunk_count
     async with ingest_app.documents._sessions() as session:
         rows = await session.scalar(
             select(func.count()).select_from(ChunkRow).where(ChunkRow.document_id == document.id)
@@ -241,11 +241,11 @@ async def test_unknown_ids_are_not_found(client, reason_of):
 
 async def test_delete_removes_rows_chunks_vectors_and_bytes(client, ingest_app, reason_of):
     document = await client.ingest("gone.md", MARKDOWN.encode() + b"\n\nDelete me.")
-    assert await ingest_app.index.count_document(document.id) > 0
+    assert await ingest_app.vectors.count_document(document.id) > 0
     blob = ingest_app.documents._blobs.path(document.id)
     assert blob.exists()
     await client.call("DeleteDocument", document_id=document.id)
-    assert await ingest_app.index.count_document(document.id) == 0
+    assert await ingest_app.vectors.count_document(document.id) == 0
     assert not blob.exists()
     async with ingest_app.documents._sessions() as session:
         for model, column in (
@@ -286,10 +286,10 @@ async def test_delete_during_processing_leaves_no_vectors(
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await client.call("GetDocument", document_id=upload.document.id)
             assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-            assert await app.index.count_document(upload.document.id) == 0
+            assert await app.vectors.count_document(upload.document.id) == 0
             healthy = await client.ingest("after.txt", b"still working after a delete")
             assert healthy.status == STATUS.Value("DOCUMENT_STATUS_READY")
-            assert await app.index.count_document(upload.document.id) == 0
+            assert await app.vectors.count_document(upload.document.id) == 0
             async with app.documents._sessions() as session:
                 assert await session.get(JobRow, upload.document.id) is None
     finally:

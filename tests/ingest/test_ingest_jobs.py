@@ -232,7 +232,18 @@ async def test_a_worker_whose_lease_ran_out_never_undoes_the_new_owners_work(
             # The worker stalls past its lease (a long pause, a partition from the database)
             # and a second replica takes the job over and finishes the document.
             await _set_job(stalled, document_id, lease_until=utcnow() - HELD)
-            second = await start(settings.model_copy(update={"embed_target": embed_server}))
+            second = await start(
+                settings.model_copy(
+                    update={
+                        "embed_target": embed_server,
+                        # Its own folder (an Edge shard is one process's), the same
+                        # database and uploads.
+                        "data_dir": tmp_path / "second",
+                        "database_url": settings.resolved_database_url,
+                        "blob_dir": settings.resolved_blob_dir,
+                    }
+                )
+            )
             try:
                 async with grpc.aio.insecure_channel(
                     f"127.0.0.1:{second.server.port}"
@@ -256,7 +267,7 @@ async def test_a_worker_whose_lease_ran_out_never_undoes_the_new_owners_work(
                 "Search", query="lighthouse keepers", mode=ingest_pb2.SEARCH_MODE_KEYWORD
             )
             assert [hit.document_id for hit in hits.hits] == [document_id]
-            assert await stalled.index.count_document(document_id) == document.chunk_count
+            assert await stalled.vectors.count_document(document_id) == document.chunk_count
             assert await _job(stalled, document_id) is None
     finally:
         await stalled.server.stop(0)
@@ -279,7 +290,7 @@ async def test_an_interrupted_delete_is_finished_at_restart(
         async with writing(app.documents._sessions) as session:
             await storage.set_status(session, document.id, storage.DELETING)
             await storage.put_job(session, document.id, storage.JOB_DELETE)
-        assert await app.index.count_document(document.id) > 0
+        assert await app.vectors.count_document(document.id) > 0
     finally:
         await app.server.stop(0)
         await app.close()
@@ -292,7 +303,7 @@ async def test_an_interrupted_delete_is_finished_at_restart(
                 return await session.get(storage.DocumentRow, document.id) is None
 
         await eventually(gone)
-        assert await restarted.index.count_document(document.id) == 0
+        assert await restarted.vectors.count_document(document.id) == 0
         assert not restarted.documents._blobs.path(document.id).exists()
         async with restarted.documents._sessions() as session:
             assert await storage.count_jobs(session) == 0

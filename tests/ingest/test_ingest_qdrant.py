@@ -9,15 +9,16 @@ import pytest
 from qdrant_client import AsyncQdrantClient
 
 from ragmesh.ingest.v1 import ingest_pb2
+from services.common.vectors import QdrantServerStore
 from services.ingest import storage
 from services.ingest.app import start
-from services.ingest.index import QdrantVectorIndex
 
-# What the stand-ins say about themselves: local mode has no payload indexes, and a closed
-# port tells no server version.
+# What the stand-ins say about themselves: local mode has no payload indexes and searches
+# exactly whatever is asked, and a closed port tells no server version.
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Payload indexes have no effect in the local Qdrant"),
     pytest.mark.filterwarnings("ignore:Failed to obtain server version"),
+    pytest.mark.filterwarnings("ignore:Local mode performs exact"),
 ]
 KEYWORD, SEMANTIC, HYBRID = (
     ingest_pb2.SEARCH_MODE_KEYWORD,
@@ -34,7 +35,7 @@ LONG_TEXT = "\n\n".join(
 @pytest.fixture
 async def local_qdrant():
     """Qdrant's local mode in memory: the client API of a server, with no server."""
-    return QdrantVectorIndex(AsyncQdrantClient(location=":memory:"))
+    return QdrantServerStore(client=AsyncQdrantClient(location=":memory:"))
 
 
 @pytest.fixture
@@ -50,13 +51,47 @@ async def test_semantic_search_before_anything_is_indexed_finds_nothing(
     make_settings, tmp_path, new_client, local_qdrant
 ):
     """In local mode, as on a server, no collection exists until a first chunk is stored."""
-    app = await start(make_settings(tmp_path), vector_index=local_qdrant)
+    app = await start(make_settings(tmp_path), vector_store=local_qdrant)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}") as channel:
             client = new_client(channel)
             for mode in (SEMANTIC, HYBRID):
                 reply = await client.call("Search", query="bicycle wheels", mode=mode)
                 assert list(reply.hits) == []
+    finally:
+        await app.server.stop(0)
+        await app.close()
+
+
+async def test_documents_are_searched_filtered_and_deleted_in_qdrant(
+    make_settings, tmp_path, new_client, local_qdrant
+):
+    app = await start(make_settings(tmp_path), vector_store=local_qdrant)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}") as channel:
+            client, other = new_client(channel), new_client(channel)
+            wheel = await client.ingest("wheel.txt", LONG_TEXT.encode(), tags=["bikes"])
+            bread = await client.ingest("bread.md", b"# Bread\n\nKnead the dough, then bake it.")
+            assert await app.vectors.count_document(wheel.id) == wheel.chunk_count
+
+            async def documents(who, **search_filter) -> list[str]:
+                reply = await who.call(
+                    "Search",
+                    query="truing a bicycle wheel",
+                    mode=SEMANTIC,
+                    filter=ingest_pb2.SearchFilter(**search_filter),
+                )
+                return list(dict.fromkeys(hit.document_id for hit in reply.hits))
+
+            assert (await documents(client))[0] == wheel.id
+            assert await documents(client, tags=["bikes"]) == [wheel.id]
+            assert await documents(client, mime_types=["text/markdown"]) == [bread.id]
+            assert await documents(client, document_ids=[bread.id]) == [bread.id]
+            assert await documents(other) == []
+
+            await client.call("DeleteDocument", document_id=wheel.id)
+            assert await app.vectors.count_document(wheel.id) == 0
+            assert await documents(client) == [bread.id]
     finally:
         await app.server.stop(0)
         await app.close()
@@ -71,7 +106,7 @@ async def test_a_failed_document_keeps_no_vectors_in_qdrant(
         tmp_path, embed_target=embed_proxy.target, embed_batch_size=2, embed_concurrency=1
     )
     embed_proxy.fail_after = 1
-    app = await start(settings, vector_index=local_qdrant)
+    app = await start(settings, vector_store=local_qdrant)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}") as channel:
             client = new_client(channel)
@@ -79,7 +114,7 @@ async def test_a_failed_document_keeps_no_vectors_in_qdrant(
         assert document.status == ingest_pb2.DOCUMENT_STATUS_FAILED
         assert "refused by the test" in document.error
         assert embed_proxy.answered == 1
-        assert await app.index.count_document(document.id) == 0
+        assert await app.vectors.count_document(document.id) == 0
     finally:
         await app.server.stop(0)
         await app.close()

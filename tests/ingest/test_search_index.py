@@ -1,19 +1,13 @@
-"""The in-process search index: analyzer, BM25 ranking, exact vectors, filters, deletes."""
+"""The in-process keyword index: analyzer, BM25 ranking, filters, deletes."""
 
-import numpy as np
 import pytest
 
 from services.common.text import Analyzer
 from services.ingest.search_index import Filter, IndexedChunk, SearchIndex
 
 
-def unit(values) -> np.ndarray:
-    vector = np.asarray(values, dtype=np.float32)
-    return vector / np.linalg.norm(vector)
-
-
-def chunk(chunk_id, text, document="d1", tenant="t", tags=(), mime="text/plain", vector=None):
-    return IndexedChunk(chunk_id, document, tenant, mime, tuple(tags), text, vector)
+def chunk(chunk_id, text, document="d1", tenant="t", tags=(), mime="text/plain"):
+    return IndexedChunk(chunk_id, document, tenant, mime, tuple(tags), text)
 
 
 @pytest.fixture
@@ -88,44 +82,15 @@ def test_filters_by_document_tag_and_mime(index):
     assert ids(Filter("t", tags=["x"], document_ids=["d3"])) == []
 
 
-def test_semantic_is_exact_cosine_with_filters(index):
-    index.add(
-        [
-            chunk("c1", "one", document="d1", vector=unit([1, 0, 0])),
-            chunk("c2", "two", document="d2", vector=unit([1, 1, 0])),
-            chunk("c3", "three", document="d3", vector=unit([0, 0, 1])),
-        ]
-    )
-    hits = index.semantic(unit([1, 0.2, 0]), Filter("t"), 2)
-    assert [c for c, _ in hits] == ["c1", "c2"]
-    assert hits[0][1] == pytest.approx(float(unit([1, 0, 0]) @ unit([1, 0.2, 0])), rel=1e-5)
-    assert [c for c, _ in index.semantic(unit([1, 0, 0]), Filter("t", document_ids=["d3"]), 5)] == [
-        "c3"
-    ]
-
-
-def test_removed_documents_leave_every_search(index):
-    index.add(
-        [
-            chunk("c1", "kept words", document="d1", vector=unit([1, 0, 0])),
-            chunk("c2", "gone words", document="d2", vector=unit([1, 0, 0])),
-        ]
-    )
+def test_removed_documents_leave_keyword_search(index):
+    index.add([chunk("c1", "kept words", document="d1"), chunk("c2", "gone words", document="d2")])
     assert index.remove_document("d2") == 1
     assert [c for c, _ in index.keyword("words", Filter("t"), 10)] == ["c1"]
-    assert [c for c, _ in index.semantic(unit([1, 0, 0]), Filter("t"), 10)] == ["c1"]
     assert not index.has_document("d2") and index.has_document("d1")
     assert len(index) == 1
 
 
 def test_grows_past_initial_capacity(index):
-    rng = np.random.default_rng(0)
-    index.add(
-        [
-            chunk(f"c{i}", f"word{i % 7} common", document=f"d{i}", vector=unit(rng.normal(size=3)))
-            for i in range(2500)
-        ]
-    )
+    index.add([chunk(f"c{i}", f"word{i % 7} common", document=f"d{i}") for i in range(2500)])
     assert len(index) == 2500
     assert len(index.keyword("word3", Filter("t"), 1000)) == len(range(3, 2500, 7))
-    assert len(index.semantic(unit([1, 0, 0]), Filter("t"), 50)) == 50
