@@ -6,9 +6,12 @@ from dataclasses import dataclass
 
 from ragmesh.embed.v1 import embed_pb2, embed_pb2_grpc
 from services.common.server import RunningServer, ServiceSpec, create_server
-from services.embed.model import Embedder, Limits, load_model
+from services.embed.model import Backend, Embedder, Limits, compute_shards, load_model
+from services.embed.onnx_backend import OnnxBackend
+from services.embed.provision import UnsupportedModel, provision_in_child
 from services.embed.servicer import EmbedServicer
 from services.embed.settings import EmbedSettings
+from services.embed.torch_backend import TorchBackend
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -24,8 +27,33 @@ class EmbedApp:
         await self.embedder.close()
 
 
-async def start(settings: EmbedSettings, model=None) -> EmbedApp:
-    """Serves health at once and the model when loaded; `model` skips loading (tests)."""
+async def load_backend(settings: EmbedSettings) -> Backend:
+    """The configured model on onnxruntime (exported first if need be) or on torch."""
+    choice = settings.backend
+    if choice == "auto":
+        choice = "onnx" if settings.device == "cpu" else "torch"
+    if choice == "onnx":
+        try:
+            folder = await provision_in_child(settings.model, settings.resolved_models_dir)
+        except UnsupportedModel as exc:
+            if settings.backend == "onnx":
+                raise ValueError(
+                    f"{exc}; set RAGMESH_EMBED_BACKEND=torch to serve this model"
+                ) from exc
+            _LOGGER.warning("serving %s on torch: %s", settings.model, exc)
+        else:
+            # One onnxruntime thread per shard when a batch is split across cores.
+            threads = 1 if compute_shards("cpu", settings.compute_threads) > 1 else 0
+            return await asyncio.to_thread(OnnxBackend, folder, settings.onnx_precision, threads)
+    model = await asyncio.to_thread(load_model, settings.model, settings.device)
+    return TorchBackend(model)
+
+
+async def start(settings: EmbedSettings, model=None, backend: Backend | None = None) -> EmbedApp:
+    """Serves health at once and the model when loaded.
+
+    `model` (a loaded SentenceTransformer, served on torch) or `backend` skips loading.
+    """
     servicer = EmbedServicer()
     running = await create_server(
         settings,
@@ -33,10 +61,10 @@ async def start(settings: EmbedSettings, model=None) -> EmbedApp:
         serving=False,
     )
     try:
-        if model is None:
-            model = await asyncio.to_thread(load_model, settings.model, settings.device)
+        if backend is None:
+            backend = TorchBackend(model) if model is not None else await load_backend(settings)
         embedder = Embedder(
-            model,
+            backend,
             name=settings.model,
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
@@ -52,10 +80,11 @@ async def start(settings: EmbedSettings, model=None) -> EmbedApp:
     servicer.embedder = embedder
     await running.set_serving(True)
     _LOGGER.info(
-        "model %s ready: dimension %d, max %d tokens, on %s",
+        "model %s ready: dimension %d, max %d tokens, on %s (%s)",
         embedder.info.name,
         embedder.info.dimension,
         embedder.info.max_tokens,
         embedder.info.device,
+        type(backend).__name__,
     )
     return EmbedApp(running, embedder)

@@ -1,4 +1,4 @@
-"""The embedding model and the micro-batcher that shares its forward passes across callers."""
+"""The micro-batcher that shares the embedding model's forward passes across callers."""
 
 import asyncio
 import enum
@@ -9,6 +9,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -126,12 +127,36 @@ def check_texts(texts: list[str], limits: Limits) -> None:
             )
 
 
+class Backend(Protocol):
+    """What runs the model: `OnnxBackend` (onnxruntime) or `TorchBackend` (torch)."""
+
+    dimension: int
+    max_tokens: int
+    device: str
+    # Prefix per kind ("query", "document") put before each text.
+    prompts: dict[str, str]
+
+    def init_compute_thread(self) -> None:
+        """Runs in each compute thread when a batch is split into several shards."""
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        """One forward pass: a vector per text and its token count after truncation."""
+
+    def token_spans(self, texts: list[str]) -> list[list[tuple[int, int]]]:
+        """Each text's token character spans, without special tokens or truncation."""
+
+
+def compute_shards(device: str, compute_threads: int) -> int:
+    """How many shards a batch is split into: one per compute thread on CPU, else one."""
+    return (compute_threads or _cpu_count()) if device.startswith("cpu") else 1
+
+
 class Embedder:
     """Gathers texts from concurrent callers into shared forward passes, off the event loop."""
 
     def __init__(
         self,
-        model,
+        backend: Backend,
         *,
         name: str,
         max_batch_size: int,
@@ -141,35 +166,32 @@ class Embedder:
         linger_ms: float = 2.0,
         compute_threads: int = 0,
     ) -> None:
-        self._model = model
+        self._backend = backend
         self._max_batch_size = max_batch_size
         self._max_queued_texts = max_queued_texts
         self._max_wait = max_wait_ms / 1000
         self._linger = min(linger_ms, max_wait_ms) / 1000
         self.limits = limits
         self.stats = Stats()
-        dimension = getattr(model, "get_embedding_dimension", None)
-        dimension = dimension or model.get_sentence_embedding_dimension
         self.info = ModelInfo(
             name=name,
-            dimension=dimension(),
-            max_tokens=model.max_seq_length,
-            device=str(model.device),
+            dimension=backend.dimension,
+            max_tokens=backend.max_tokens,
+            device=backend.device,
         )
-        self._prompts = dict(getattr(model, "prompts", None) or {})
+        self._prompts = backend.prompts
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         # Texts of the requests in the queue, not yet taken into a batch.
         self.queued_texts = 0
-        # On CPU a batch is split into shards encoded side by side, one thread and one
-        # torch thread each: measured faster than one pass with torch using every core
+        # On CPU a batch is split into shards encoded side by side, one thread each, and
+        # one model thread per shard: measured faster than one pass using every core
         # (fewer synchronisations), and it does not collapse when another process takes a
         # core. An accelerator gets one shard.
-        on_cpu = self.info.device.startswith("cpu")
-        self._shards = (compute_threads or _cpu_count()) if on_cpu else 1
+        self._shards = compute_shards(self.info.device, compute_threads)
         self._executor = ThreadPoolExecutor(
             self._shards,
             thread_name_prefix="embed-model",
-            initializer=_one_torch_thread if on_cpu and self._shards > 1 else None,
+            initializer=backend.init_compute_thread if self._shards > 1 else None,
         )
         self._loop_task: asyncio.Task | None = None
 
@@ -215,18 +237,7 @@ class Embedder:
     async def tokenize(self, texts: list[str]) -> list[list[tuple[int, int]]]:
         """Each text's token character spans, without special tokens or truncation."""
         check_texts(texts, self.limits)
-        return await asyncio.to_thread(self._tokenize, texts)
-
-    def _tokenize(self, texts: list[str]) -> list[list[tuple[int, int]]]:
-        encoded = self._model.tokenizer(
-            texts,
-            add_special_tokens=False,
-            return_offsets_mapping=True,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-            verbose=False,  # no warning for texts longer than the model's window
-        )
-        return [list(map(tuple, offsets)) for offsets in encoded["offset_mapping"]]
+        return await asyncio.to_thread(self._backend.token_spans, texts)
 
     async def _batch_loop(self) -> None:
         while True:
@@ -333,7 +344,7 @@ class Embedder:
         parts = [order[start::shards] for start in range(shards)]
         results = await asyncio.gather(
             *(
-                loop.run_in_executor(self._executor, self._encode_shard, [texts[i] for i in part])
+                loop.run_in_executor(self._executor, self._backend.encode, [texts[i] for i in part])
                 for part in parts
             )
         )
@@ -345,39 +356,9 @@ class Embedder:
                 counts[index] = count
         return vectors, counts
 
-    def _encode_shard(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
-        with torch_inference_mode():
-            vectors = self._model.encode(
-                texts,
-                batch_size=len(texts),  # one forward pass: a batch's shard
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
-        lengths = self._model.tokenizer(
-            texts,
-            truncation=True,
-            max_length=self._model.max_seq_length,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-            return_length=True,
-        )["length"]
-        return np.asarray(vectors, dtype=np.float32), [int(n) for n in lengths]
-
 
 def _cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-def _one_torch_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def torch_inference_mode():
-    import torch
-
-    return torch.inference_mode()

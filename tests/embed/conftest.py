@@ -1,4 +1,8 @@
-"""Fixtures for the embed tests: the real model loaded once, a real server on port 0."""
+"""Fixtures for the embed tests: the real model, its ONNX export, a real server on port 0.
+
+The server starts the way a fresh install does: no export at hand, so it exports the
+packaged model in a child process first; the other ONNX tests use that export.
+"""
 
 import grpc
 import pytest
@@ -8,11 +12,14 @@ from grpc_status import rpc_status
 from ragmesh.embed.v1 import embed_pb2_grpc
 from services.embed.app import start
 from services.embed.model import load_model
+from services.embed.onnx_backend import OnnxBackend
+from services.embed.provision import folder_for
 from services.embed.settings import EmbedSettings
 
 
 @pytest.fixture(scope="session")
 def st_model():
+    """The model on torch: the reference the ONNX vectors are held to."""
     return load_model("all-MiniLM-L6-v2", "cpu")
 
 
@@ -26,15 +33,28 @@ def embed_settings(tmp_path_factory):
         max_chars_per_text=5_000,
         max_batch_size=32,
         max_wait_ms=20,
+        models_dir=tmp_path_factory.mktemp("models"),
     )
 
 
 @pytest.fixture(scope="session")
-async def embed_app(embed_settings, st_model):
-    app = await start(embed_settings, model=st_model)
+async def embed_app(embed_settings):
+    """The service as configured by default: the ONNX backend, exported at first start."""
+    app = await start(embed_settings)
     yield app
     await app.server.stop(0)
     await app.close()
+
+
+@pytest.fixture(scope="session")
+def onnx_folder(embed_app, embed_settings):
+    """The export the service made when it first started."""
+    return folder_for(embed_settings.model, embed_settings.resolved_models_dir)
+
+
+@pytest.fixture(scope="session")
+def onnx_backend(onnx_folder):
+    return OnnxBackend(onnx_folder, "fp32", threads=1)
 
 
 @pytest.fixture(scope="session")

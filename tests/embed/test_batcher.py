@@ -1,25 +1,29 @@
-"""The micro-batcher on its own: sharded forward passes, how batches form, failures."""
+"""The micro-batcher on its own: sharded forward passes, how batches form, failures.
+
+It runs the ONNX backend (the default) and is held to the vectors of the model on torch.
+"""
 
 import asyncio
 
 import numpy as np
 
 from services.embed.model import Embedder, Kind, Limits
+from services.embed.torch_backend import TorchBackend
 
 LIMITS = Limits(max_texts_per_request=64, max_chars_per_text=5_000)
 # Lengths that differ a lot, so sorting and dealing texts to shards reorders them.
 MIXED = [" ".join(f"word{j}" for j in range(1 + (i * 37) % 60)) + f" text {i}." for i in range(23)]
 
 
-async def started(model, **options) -> Embedder:
+async def started(backend, **options) -> Embedder:
     options = {"max_batch_size": 32, "max_wait_ms": 20, **options}
-    embedder = Embedder(model, name="all-MiniLM-L6-v2", limits=LIMITS, **options)
+    embedder = Embedder(backend, name="all-MiniLM-L6-v2", limits=LIMITS, **options)
     await embedder.start()
     return embedder
 
 
-async def test_shards_give_the_model_vectors_in_input_order(st_model):
-    embedder = await started(st_model, compute_threads=3)
+async def test_shards_give_the_model_vectors_in_input_order(onnx_backend, st_model):
+    embedder = await started(onnx_backend, compute_threads=3)
     try:
         result = await embedder.embed(MIXED, Kind.DOCUMENT, normalize=False)
     finally:
@@ -29,8 +33,19 @@ async def test_shards_give_the_model_vectors_in_input_order(st_model):
     assert result.token_counts == [int(n) for n in lengths]
 
 
-async def test_one_compute_thread_gives_the_same_vectors(st_model):
-    embedder = await started(st_model, compute_threads=1)
+async def test_the_torch_backend_gives_the_same_vectors_through_shards(st_model):
+    embedder = await started(TorchBackend(st_model), compute_threads=2)
+    try:
+        result = await embedder.embed(MIXED, Kind.DOCUMENT, normalize=False)
+    finally:
+        await embedder.close()
+    np.testing.assert_allclose(result.vectors, st_model.encode(MIXED), atol=1e-4)
+    lengths = st_model.tokenizer(MIXED, return_length=True)["length"]
+    assert result.token_counts == [int(n) for n in lengths]
+
+
+async def test_one_compute_thread_gives_the_same_vectors(onnx_backend, st_model):
+    embedder = await started(onnx_backend, compute_threads=1)
     try:
         result = await embedder.embed(MIXED[:5], Kind.DOCUMENT, normalize=True)
     finally:
@@ -39,8 +54,8 @@ async def test_one_compute_thread_gives_the_same_vectors(st_model):
     np.testing.assert_allclose(result.vectors, expected, atol=1e-4)
 
 
-async def test_callers_queued_together_fill_batches_up_to_the_maximum(st_model):
-    embedder = await started(st_model, compute_threads=2)
+async def test_callers_queued_together_fill_batches_up_to_the_maximum(onnx_backend, st_model):
+    embedder = await started(onnx_backend, compute_threads=2)
     try:
         texts = [f"Caller {i} asks about topic {i % 5}." for i in range(40)]
         results = await asyncio.gather(
@@ -58,11 +73,11 @@ async def test_callers_queued_together_fill_batches_up_to_the_maximum(st_model):
     assert embedder.stats.texts == 40
 
 
-async def test_no_batch_given_to_the_model_exceeds_the_maximum(st_model):
+async def test_no_batch_given_to_the_model_exceeds_the_maximum(onnx_backend, st_model):
     # Requests of several texts, one larger than a batch, all queued at once.
     sizes = [5, 5, 20, 3, 7]
     requests = [[f"Request {r} text {i}." for i in range(size)] for r, size in enumerate(sizes)]
-    embedder = await started(st_model, max_batch_size=8)
+    embedder = await started(onnx_backend, max_batch_size=8)
     try:
         results = await asyncio.gather(
             *(embedder.embed(texts, Kind.DOCUMENT, normalize=False) for texts in requests)
@@ -79,23 +94,23 @@ async def test_no_batch_given_to_the_model_exceeds_the_maximum(st_model):
 
 
 class FailsOnText:
-    """The real model, with an injected fault: encode raises for any batch holding `text`."""
+    """The real backend, with an injected fault: encode raises for any batch holding `text`."""
 
-    def __init__(self, model, text: str) -> None:
-        self._model = model
+    def __init__(self, backend, text: str) -> None:
+        self._backend = backend
         self._text = text
 
     def __getattr__(self, name):
-        return getattr(self._model, name)
+        return getattr(self._backend, name)
 
-    def encode(self, texts, **options):
+    def encode(self, texts):
         if any(self._text in text for text in texts):
             raise RuntimeError(f"injected failure on {self._text!r}")
-        return self._model.encode(texts, **options)
+        return self._backend.encode(texts)
 
 
-async def test_injected_encode_failure_on_one_text_fails_only_its_caller(st_model):
-    embedder = await started(FailsOnText(st_model, "poison"))
+async def test_injected_encode_failure_on_one_text_fails_only_its_caller(onnx_backend, st_model):
+    embedder = await started(FailsOnText(onnx_backend, "poison"))
     texts = [f"Caller {i} asks about topic {i}." for i in range(6)]
     texts[3] = "a poison text"
     try:
@@ -115,8 +130,8 @@ async def test_injected_encode_failure_on_one_text_fails_only_its_caller(st_mode
     assert embedder.stats.batch_sizes == {6: 1, 1: 6}
 
 
-async def test_a_lone_caller_is_served_without_others(st_model):
-    embedder = await started(st_model, max_wait_ms=1000, linger_ms=1)
+async def test_a_lone_caller_is_served_without_others(onnx_backend):
+    embedder = await started(onnx_backend, max_wait_ms=1000, linger_ms=1)
     try:
         result = await asyncio.wait_for(
             embedder.embed(["alone"], Kind.QUERY, normalize=True), timeout=30

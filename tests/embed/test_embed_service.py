@@ -27,6 +27,21 @@ async def test_health_is_serving_once_loaded(embed_channel):
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+async def test_a_sentence_transformers_model_given_to_start_is_served_on_torch(st_model, tmp_path):
+    app = await start(EmbedSettings(host="127.0.0.1", port=0, data_dir=tmp_path), model=st_model)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}") as channel:
+            stub = embed_pb2_grpc.EmbedServiceStub(channel)
+            reply = await stub.Embed(embed_pb2.EmbedRequest(texts=SENTENCES[:3], normalize=True))
+    finally:
+        await app.server.stop(0)
+        await app.close()
+    expected = st_model.encode(SENTENCES[:3], normalize_embeddings=True)
+    np.testing.assert_allclose([e.values for e in reply.embeddings], expected, atol=1e-4)
+    # Nothing was exported: the model was served as given.
+    assert not (tmp_path / "models").exists()
+
+
 async def test_model_info(embed_stub):
     info = await embed_stub.GetModelInfo(embed_pb2.GetModelInfoRequest())
     assert info.model == "all-MiniLM-L6-v2"
@@ -144,26 +159,26 @@ async def test_cancelled_caller_does_not_disturb_others(embed_stub):
 
 
 class HeldOnText:
-    """The real model, except that a batch holding `text` waits in encode until released."""
+    """The real backend, except that a batch holding `text` waits in encode until released."""
 
-    def __init__(self, model, text: str) -> None:
-        self._model = model
+    def __init__(self, backend, text: str) -> None:
+        self._backend = backend
         self._text = text
         self.entered = threading.Event()
         self.release = threading.Event()
 
     def __getattr__(self, name):
-        return getattr(self._model, name)
+        return getattr(self._backend, name)
 
-    def encode(self, texts, **options):
+    def encode(self, texts):
         if any(self._text in text for text in texts):
             self.entered.set()
             self.release.wait(timeout=120)
-        return self._model.encode(texts, **options)
+        return self._backend.encode(texts)
 
 
 async def test_texts_past_the_queue_bound_are_refused_until_it_drains(
-    st_model, tmp_path, reason_of
+    onnx_backend, tmp_path, reason_of
 ):
     settings = EmbedSettings(
         host="127.0.0.1",
@@ -173,8 +188,8 @@ async def test_texts_past_the_queue_bound_are_refused_until_it_drains(
         max_queued_texts=4,
         max_batch_size=4,
     )
-    model = HeldOnText(st_model, "hold")
-    app = await start(settings, model=model)
+    model = HeldOnText(onnx_backend, "hold")
+    app = await start(settings, backend=model)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}") as channel:
             stub = embed_pb2_grpc.EmbedServiceStub(channel)
@@ -214,7 +229,14 @@ async def test_calls_before_the_model_is_loaded_are_unavailable():
     assert caught.value.reason == "MODEL_LOADING"
 
 
-async def test_a_model_that_cannot_load_stops_the_start(tmp_path):
-    settings = EmbedSettings(host="127.0.0.1", port=0, model=str(tmp_path / "no-such-model"))
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+async def test_a_model_that_cannot_load_stops_the_start(tmp_path, backend):
+    settings = EmbedSettings(
+        host="127.0.0.1",
+        port=0,
+        data_dir=tmp_path,
+        model=str(tmp_path / "no-such-model"),
+        backend=backend,
+    )
     with pytest.raises(ValueError, match="no-such-model"):
         await start(settings)
