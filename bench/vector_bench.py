@@ -41,6 +41,7 @@ CACHE = ROOT / "var" / "bench" / "pyref-minilm.npz"
 TENANTS = 10
 CHUNKS_PER_DOCUMENT = 20
 COLLECTION = "chunks_bench_384"
+WRITE_BATCH = 20  # points upserted each second while optimizing: about ingest's pace
 SIZES = {"10k": 10_000, "100k": 100_000, "1m": 1_000_000}
 
 
@@ -136,16 +137,16 @@ def _percentiles(samples: list[float]) -> str:
 
 async def _while(work, store, queries, vectors=None) -> dict:
     """Runs `work` while a ticker measures event-loop stalls, queries keep coming and (with
-    `vectors`) a writer upserts 100 points every half second, as ingest would."""
+    `vectors`) a writer upserts WRITE_BATCH points a second, as ingest would."""
     stalls, latencies, writes = [], [], []
     done = asyncio.Event()
 
     async def tick():
-        last = time.perf_counter()
+        last = time.monotonic()
         while not done.is_set():
             await asyncio.sleep(0.01)
-            now = time.perf_counter()
-            stalls.append(now - last - 0.01)
+            now = time.monotonic()
+            stalls.append((now - last - 0.01, now))
             last = now
 
     async def ask():
@@ -163,13 +164,13 @@ async def _while(work, store, queries, vectors=None) -> dict:
         while not done.is_set():
             batch = [
                 VectorPoint(str(uuid.UUID(int=first + i + 1)), vectors[i], {"tenant": "writer"})
-                for i in range(100)
+                for i in range(WRITE_BATCH)
             ]
             start = time.perf_counter()
             await store.upsert(COLLECTION, batch)
             writes.append(time.perf_counter() - start)
-            first += 100
-            await asyncio.sleep(0.5)
+            first += WRITE_BATCH
+            await asyncio.sleep(1.0)
 
     tasks = [asyncio.create_task(tick()), asyncio.create_task(ask())]
     if vectors is not None:
@@ -182,13 +183,25 @@ async def _while(work, store, queries, vectors=None) -> dict:
     return {"seconds": elapsed, "stalls": stalls, "latencies": latencies, "writes": writes}
 
 
-def _report(label: str, run: dict) -> None:
+def _report(label: str, run: dict, optimization=None) -> None:
+    stall, at = max(run["stalls"])
     line = (
         f"  {label}: {len(run['latencies'])} filtered queries {_percentiles(run['latencies'])}"
-        f"; longest event-loop stall {max(run['stalls']) * 1000:.0f} ms"
+        f"; longest event-loop stall {stall * 1000:.0f} ms"
     )
+    if optimization is not None:
+        phases = (
+            ("copy", optimization.copy_seconds),
+            ("build", optimization.build_seconds),
+            ("swap", optimization.swap_seconds),
+        )
+        ends = np.cumsum([seconds for _, seconds in phases]) + optimization.started
+        inside = [name for (name, _), end in zip(phases, ends, strict=True) if at <= end]
+        line += f" (in the {inside[0] if inside else 'after'} phase)"
     if run["writes"]:
-        line += f"; {len(run['writes'])} upserts of 100, longest {max(run['writes']):.2f} s"
+        line += (
+            f"; {len(run['writes'])} upserts of {WRITE_BATCH}, longest {max(run['writes']):.2f} s"
+        )
     print(line, flush=True)
 
 
@@ -233,7 +246,7 @@ async def run_size(count: int, real, queries, rounds: int, folder: Path) -> None
     )
     print("  (queries are exact until the swap: nothing was indexed before)")
     _report("5 s before it", quiet)
-    _report("while it ran", during)
+    _report("while it ran", during, status.last_optimization)
 
     cases = {
         "tenant (10%)": lambda t, g: (tenants == t, where(tenant=f"t{t}")),

@@ -1,18 +1,27 @@
 """One vector-store interface for every service: Qdrant Edge shards on disk, or a Qdrant server.
 
-A collection holds points (a UUID, a vector, a payload dict), compared by cosine
-similarity. Filters are conjunctions of `Match` (the field holds any of these values) and
-`Range` conditions on payload fields. Two implementations:
+A collection holds points (a UUID, a vector, a payload dict) compared by cosine
+similarity; a filter is a conjunction of `Match` (the field holds any of these values)
+and `Range` conditions. `open_vector_store` picks the implementation:
 
-- `EdgeVectorStore`, the embedded default: one Qdrant Edge shard (`qdrant-edge-py`) per
-  collection under a folder the service owns, with its write-ahead log on.
-- `QdrantServerStore`: a Qdrant server through `qdrant_client.AsyncQdrantClient`.
+- `QdrantServerStore` when a Qdrant URL is configured (qdrant_client.AsyncQdrantClient);
+- `EdgeVectorStore` otherwise: one Qdrant Edge shard (`qdrant-edge-py`) per collection
+  under the service's data folder, write-ahead log on, reopened as it was at start-up.
 
-Qdrant Edge holds the GIL for the whole of every call; `optimize()` (the HNSW build)
-runs for minutes at 100k points, which would stall every request of the process. So an
-Edge collection is optimized in a child process, on a flushed copy of its shard; the
-writes made meanwhile are replayed into the optimized copy, which then replaces the live
-shard. Until then the new points are scanned exactly, next to the HNSW segments.
+Qdrant Edge holds the GIL for the whole of every call (query, update, load, close, and
+`optimize()`, the HNSW build, which runs for minutes at 100k points: in a thread of the
+serving process it would stall every request). So a collection is optimized in a child
+process, on a flushed copy of its shard: once the points outside HNSW segments reach
+`optimize_threshold`, the shard is flushed and copied (writes wait, reads go on), the
+child builds the copy's HNSW segments at low priority (nothing waits), and the copy is
+loaded, given the writes made meanwhile, and swapped in (writes wait). Until then new
+points are scanned exactly next to the HNSW segments. See bench/vector_bench.py for the
+figures this rests on.
+
+Which search a query gets: a collection below the threshold is scanned exactly; a filter
+matching fewer vectors than full_scan_threshold is scored exactly over the payload index
+(Qdrant's planner); one value of an indexed field walks that value's own graph
+(payload_m); any other filter uses ACORN; `exact=True` forces a scan.
 """
 
 import abc
@@ -303,6 +312,7 @@ _IMPORT_ROOT = str(Path(__file__).resolve().parents[2])  # where `services` impo
 
 @dataclass(frozen=True)
 class OptimizationRun:
+    started: float  # time.monotonic()
     changed: bool
     copy_seconds: float  # flush and copy of the shard; writes wait, reads go on
     build_seconds: float  # the child process; nothing waits
@@ -363,46 +373,58 @@ class _EdgeCollection:
         _write_atomically(self.path / _META, json.dumps(meta, indent=2))
 
 
+@dataclass(frozen=True)
+class EdgeOptions:
+    """How EdgeVectorStore builds and searches its shards."""
+
+    exact: bool = False  # always scan exactly (no HNSW at query time)
+    hnsw_ef: int | None = 128  # HNSW candidates per query; None: Qdrant's (ef_construct)
+    # Once this many points are outside HNSW segments, an optimization starts in the
+    # background; 0 turns that off (optimize() still runs one). Collections below it stay
+    # exact: a plain scan of 20k points costs about what an HNSW search does.
+    optimize_threshold: int = 20_000
+    hnsw_m: int = 16
+    ef_construct: int = 100
+    # Links per value of each indexed keyword field with enough points (tenants): keeps
+    # filtered HNSW recall high (0.23 without them, 1.00 with, tenant filter at 100k).
+    payload_m: int | None = None  # None: hnsw_m
+    # A filter matching fewer vectors than this is scored exactly over the payload index.
+    full_scan_threshold_kb: int = 10_000
+    # "cold" maps vectors, graphs and payload indexes from disk and reads them on first
+    # use, so opening a shard (at start-up, and when an optimized copy is swapped in, both
+    # holding the GIL) is quick; "default" keeps Qdrant's placement, read at open.
+    memory: str = "cold"
+    retry_seconds: float = 600.0  # wait after a failed or fruitless optimization
+
+    def __post_init__(self) -> None:
+        if self.memory not in ("cold", "default"):
+            raise ValueError(f"memory must be 'cold' or 'default', not {self.memory!r}")
+
+
 class EdgeVectorStore(VectorStore):
     """Qdrant Edge shards under `folder`, one per collection, owned by this process.
 
-    Open with `await EdgeVectorStore.open(folder)`. Options:
-    - `exact`: always scan exactly (no HNSW at query time).
-    - `hnsw_ef`: HNSW candidates per query (128; None for Qdrant's default, ef_construct).
-    - `optimize_threshold`: once this many points are not yet in an HNSW segment, an
-      optimization starts in the background (0 turns automatic optimization off;
-      `optimize()` still runs one). Small collections therefore stay exact.
-    - `hnsw_m`, `ef_construct`, `payload_m`: the HNSW build; `payload_m` (default: m)
-      also builds a graph per value of each keyword field that has enough points
-      (tenants), which keeps filtered HNSW recall high.
-    - `full_scan_threshold_kb`: a filtered query whose matching vectors are smaller than
-      this is scored exactly over the payload index instead of walking the graph.
+    Open with `await EdgeVectorStore.open(folder, **options)` (see EdgeOptions).
     """
 
-    def __init__(self, folder: Path, lock_file: Any, **options: Any) -> None:
+    def __init__(self, folder: Path, lock_file: Any, options: EdgeOptions) -> None:
         self._folder = folder
         self._lock_file = lock_file
-        self._exact: bool = options.pop("exact", False)
-        self._hnsw_ef: int | None = options.pop("hnsw_ef", 128)
-        self._threshold: int = options.pop("optimize_threshold", 20_000)
-        self._m: int = options.pop("hnsw_m", 16)
-        self._ef_construct: int = options.pop("ef_construct", 100)
-        self._payload_m: int | None = options.pop("payload_m", None)
-        self._full_scan_kb: int = options.pop("full_scan_threshold_kb", 10_000)
-        self._retry_seconds: float = options.pop("retry_seconds", 600.0)
-        if options:
-            raise TypeError(f"unknown EdgeVectorStore options: {sorted(options)}")
+        self._options = options
+        self._memory = qe.Memory.Cold if options.memory == "cold" else None
         self._collections: dict[str, _EdgeCollection] = {}
         self._guard = asyncio.Lock()
         self._closed = False
+        self._followup: asyncio.Future | None = None
 
     @classmethod
     async def open(cls, folder: str | os.PathLike[str], **options: Any) -> "EdgeVectorStore":
         """Takes ownership of `folder` (VectorFolderInUse if another holds it) and loads
         every collection in it; starts the optimizations start-up finds due."""
+        settings = EdgeOptions(**options)
         path = Path(folder)
         lock_file = await asyncio.to_thread(_lock_folder, path)
-        store = cls(path, lock_file, **options)
+        store = cls(path, lock_file, settings)
         try:
             for child in await asyncio.to_thread(_collection_folders, path):
                 collection = await asyncio.to_thread(store._load, child)
@@ -433,6 +455,8 @@ class EdgeVectorStore(VectorStore):
         if self._closed:
             return
         self._closed = True
+        if self._followup is not None:
+            self._followup.cancel()
         for collection in self._collections.values():
             await self._stop(collection)
         self._collections.clear()
@@ -484,7 +508,8 @@ class EdgeVectorStore(VectorStore):
         if missing:
             async with collection.write_lock:
                 for field, kind in missing.items():
-                    op = qe.UpdateOperation.create_field_index(field, _edge_schema(kind))
+                    schema = _edge_schema(kind, self._memory)
+                    op = qe.UpdateOperation.create_field_index(field, schema)
                     await self._apply(collection, [op])
                     collection.fields[field] = kind
                 await collection.run(collection.write_meta)
@@ -540,8 +565,8 @@ class EdgeVectorStore(VectorStore):
             query=qe.Query.Nearest(query.tolist()),
             filter=_edge_filter(where) if where else None,
             params=qe.SearchParams(
-                exact=self._exact if exact is None else exact,
-                hnsw_ef=self._hnsw_ef,
+                exact=self._options.exact if exact is None else exact,
+                hnsw_ef=self._options.hnsw_ef,
                 acorn=None if _graph_covers(where, target.fields) else _ACORN,
             ),
             with_payload=False,
@@ -609,17 +634,22 @@ class EdgeVectorStore(VectorStore):
     # ---- internals
 
     def _config(self, dimension: int):
+        options = self._options
         # We decide when to optimize (optimize_threshold); once it runs, Qdrant should index
         # every segment, not only those past its own indexing_threshold (10 MB by default).
         return qe.EdgeConfig(
-            vectors=qe.EdgeVectorParams(size=dimension, distance=qe.Distance.Cosine),
+            vectors=qe.EdgeVectorParams(
+                size=dimension, distance=qe.Distance.Cosine, memory=self._memory
+            ),
             hnsw_config=qe.HnswIndexConfig(
-                m=self._m,
-                ef_construct=self._ef_construct,
-                full_scan_threshold=self._full_scan_kb,
-                payload_m=self._payload_m if self._payload_m is not None else self._m,
+                m=options.hnsw_m,
+                ef_construct=options.ef_construct,
+                full_scan_threshold=options.full_scan_threshold_kb,
+                payload_m=options.hnsw_m if options.payload_m is None else options.payload_m,
+                memory=self._memory,
             ),
             optimizers=qe.EdgeOptimizersConfig(indexing_threshold=1),
+            payload_memory=self._memory,
             wal_enabled=True,
         )
 
@@ -631,20 +661,31 @@ class EdgeVectorStore(VectorStore):
                 collection.pending.append(op)
 
     async def _maybe_optimize(self, collection: _EdgeCollection) -> None:
-        if not self._threshold or (collection.task is not None and not collection.task.done()):
+        if self._closed or not self._options.optimize_threshold:
+            return
+        if collection.task is not None and not collection.task.done():
             return
         if time.monotonic() < collection.retry_at:
             return
         info = await collection.run(lambda: _edge_call(collection.shard.info))
         unindexed = info.points_count - info.indexed_vectors_count
-        if unindexed >= self._threshold:
+        if unindexed >= self._options.optimize_threshold:
             _LOGGER.info(
                 "optimizing vector collection %s in the background (%d points not indexed)",
                 collection.name,
                 unindexed,
             )
             collection.task = asyncio.create_task(self._optimize(collection))
-            collection.task.add_done_callback(_log_failure)
+            collection.task.add_done_callback(lambda task: self._after_background(collection, task))
+
+    def _after_background(self, collection: _EdgeCollection, task: asyncio.Task) -> None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            _LOGGER.error("background vector optimization failed", exc_info=task.exception())
+        elif not self._closed and self._collections.get(collection.name) is collection:
+            # The writes replayed into the new shard may already call for another run.
+            self._followup = asyncio.ensure_future(self._maybe_optimize(collection))
 
     async def _optimize(self, collection: _EdgeCollection) -> bool:
         started = time.monotonic()
@@ -655,13 +696,15 @@ class EdgeVectorStore(VectorStore):
             # Writes wait while the shard is flushed and copied; reads go on.
             async with collection.write_lock:
                 await collection.run(lambda: _edge_call(collection.shard.flush))
-                await asyncio.to_thread(shutil.copytree, collection.shard_path, target)
+                await _uninterrupted(shutil.copytree, collection.shard_path, target)
                 collection.pending = []
             copied = time.monotonic()
             changed = await _optimize_in_child(target)
             built = time.monotonic()
             async with collection.write_lock:
-                shard = await asyncio.to_thread(_edge_call, qe.EdgeShard.load, str(target))
+                shard = await _uninterrupted(
+                    _edge_call, qe.EdgeShard.load, str(target), cleanup=_close_shard
+                )
                 try:
                     replayed = len(collection.pending)
                     for op in collection.pending:
@@ -682,6 +725,7 @@ class EdgeVectorStore(VectorStore):
             await asyncio.to_thread(shutil.rmtree, old, ignore_errors=True)
             info = await collection.run(lambda: _edge_call(collection.shard.info))
             collection.last_run = OptimizationRun(
+                started=started,
                 changed=changed,
                 copy_seconds=copied - started,
                 build_seconds=built - copied,
@@ -696,10 +740,10 @@ class EdgeVectorStore(VectorStore):
                 info.points_count,
             )
             if not changed:  # nothing Qdrant could index: do not retry at once
-                collection.retry_at = time.monotonic() + self._retry_seconds
+                collection.retry_at = time.monotonic() + self._options.retry_seconds
             return changed
         except BaseException:
-            collection.retry_at = time.monotonic() + self._retry_seconds
+            collection.retry_at = time.monotonic() + self._options.retry_seconds
             raise
         finally:
             collection.pending = None
@@ -715,9 +759,19 @@ class EdgeVectorStore(VectorStore):
         return old
 
 
-def _log_failure(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        _LOGGER.error("background vector optimization failed", exc_info=task.exception())
+async def _uninterrupted(fn: Callable[..., T], *args: Any, cleanup: Callable | None = None) -> T:
+    """Runs fn in a thread. A cancellation first waits for it to end (a thread cannot be
+    stopped: cleaning up around a copy still being written would leave debris), hands
+    what it made to `cleanup`, then propagates."""
+    future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            result = await future
+            if cleanup is not None:
+                await asyncio.to_thread(cleanup, result)
+        raise
 
 
 def _swap(collection: _EdgeCollection, shard: Any) -> None:
@@ -832,26 +886,37 @@ def _optimize_main(path: str) -> None:
 _ACORN = qe.AcornSearchParams(enable=True)
 
 
-def _graph_covers(conditions: Filter, fields: Mapping[str, str]) -> bool:
+def _graph_covers(conditions: Filter, fields: Mapping[str, str] | None) -> bool:
     """Whether HNSW alone searches this filter well: no filter (the main graph), or one
-    value of one indexed field, which has a graph of its own (payload_m) when it has more
-    points than full_scan_threshold, and is scanned exactly when it has fewer."""
+    value of one indexed field (any field when `fields` is None), which has a graph of its
+    own (payload_m) when it has more points than full_scan_threshold, and is scanned
+    exactly when it has fewer."""
     if not conditions:
         return True
     if len(conditions) > 1:
         return False
     (condition,) = conditions
-    return isinstance(condition, Match) and len(condition.values) == 1 and condition.field in fields
+    one_value = isinstance(condition, Match) and len(condition.values) == 1
+    return one_value and (fields is None or condition.field in fields)
 
 
-def _edge_schema(kind: str):
+def _edge_schema(kind: str, memory: Any):
+    if memory is None:
+        return {
+            KEYWORD: qe.PayloadSchemaType.Keyword,
+            INTEGER: qe.PayloadSchemaType.Integer,
+            FLOAT: qe.PayloadSchemaType.Float,
+            DATETIME: qe.PayloadSchemaType.Datetime,
+            BOOL: qe.PayloadSchemaType.Bool,
+        }[kind]
+    if kind == INTEGER:
+        return qe.IntegerIndexParams(lookup=True, range=True, memory=memory)
     return {
-        KEYWORD: qe.PayloadSchemaType.Keyword,
-        INTEGER: qe.PayloadSchemaType.Integer,
-        FLOAT: qe.PayloadSchemaType.Float,
-        DATETIME: qe.PayloadSchemaType.Datetime,
-        BOOL: qe.PayloadSchemaType.Bool,
-    }[kind]
+        KEYWORD: qe.KeywordIndexParams,
+        FLOAT: qe.FloatIndexParams,
+        DATETIME: qe.DatetimeIndexParams,
+        BOOL: qe.BoolIndexParams,
+    }[kind](memory=memory)
 
 
 def _edge_filter(conditions: Filter):
@@ -1034,7 +1099,11 @@ class QdrantServerStore(VectorStore):
                 query_filter=_server_filter(where) if where else None,
                 limit=limit,
                 search_params=models.SearchParams(
-                    exact=self._exact if exact is None else exact, hnsw_ef=self._hnsw_ef
+                    exact=self._exact if exact is None else exact,
+                    hnsw_ef=self._hnsw_ef,
+                    acorn=None
+                    if _graph_covers(where, None)
+                    else models.AcornSearchParams(enable=True),
                 ),
                 with_payload=False,
                 with_vectors=False,

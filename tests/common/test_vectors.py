@@ -394,6 +394,24 @@ async def test_edge_background_optimization_keeps_answering_with_high_recall(tmp
         await reopened.close()
 
 
+async def test_edge_close_during_an_optimization_loses_nothing(tmp_path):
+    folder = tmp_path / "vectors"
+    store = await EdgeVectorStore.open(folder, optimize_threshold=2_000)
+    await store.ensure_collection("chunks", DIMENSION, FIELDS)
+    await store.upsert("chunks", make_points(structured(3_000)))
+    assert (await store.status("chunks")).optimizing
+    await store.close()  # cancels it: the child is stopped and its copy removed
+
+    assert [p.name for p in (folder / "chunks").glob("shard-*")] == ["shard-000001"]
+    store = await EdgeVectorStore.open(folder, optimize_threshold=0)
+    try:
+        assert await store.count("chunks") == 3_000
+        assert await store.optimize("chunks")
+        assert (await store.status("chunks")).indexed_points == 3_000
+    finally:
+        await store.close()
+
+
 async def test_edge_exact_option_matches_numpy_after_optimizing(tmp_path):
     count = 8_000
     vectors = structured(count, seed=21)
@@ -427,6 +445,7 @@ async def test_server_outage_raises_unavailable():
         await store.close()
 
 
+@pytest.mark.filterwarnings("ignore:Api key is used with an insecure connection")
 async def test_open_vector_store_picks_the_implementation(tmp_path):
     edge = await open_vector_store("", "", tmp_path / "v")
     server = await open_vector_store("http://127.0.0.1:9", "key", tmp_path / "unused")
@@ -435,6 +454,8 @@ async def test_open_vector_store_picks_the_implementation(tmp_path):
         assert isinstance(server, QdrantServerStore)
         with pytest.raises(ValueError, match="folder"):
             await open_vector_store("", "", None)
+        with pytest.raises(TypeError):
+            await open_vector_store("", "", tmp_path / "w", no_such_option=1)
     finally:
         await edge.close()
         await server.close()
