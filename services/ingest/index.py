@@ -22,7 +22,6 @@ from services.common.vectors import (
     where,
 )
 from services.ingest.search_index import Filter
-from services.ingest.storage import ChunkRow
 
 COLLECTIONS = Prefix("chunks_")
 INDEXED_FIELDS = ("tenant", "document_id", "tags", "mime_type")
@@ -47,12 +46,6 @@ class Point:
             "mime_type": self.mime_type,
         }
         return VectorPoint(self.id, self.vector, payload)
-
-
-def point_of(chunk: ChunkRow, mime_type: str, tags: Sequence[str]) -> Point:
-    """The point of a chunk row whose embedding was loaded (storage: vectors=True)."""
-    vector = np.frombuffer(chunk.vector, dtype=np.float32)
-    return Point(chunk.id, vector, chunk.document_id, chunk.index, chunk.tenant, tags, mime_type)
 
 
 def collection_name(model: str, dimension: int) -> str:

@@ -38,7 +38,7 @@ from services.common.database import create_engine, sessionmaker, writing
 from services.common.errors import ServiceError
 from services.common.vectors import Match, VectorPoint, VectorStore, open_vector_store
 from services.ingest import storage
-from services.ingest.index import COLLECTIONS, ChunkVectors, collection_name, point_of
+from services.ingest.index import COLLECTIONS, ChunkVectors, Point, collection_name
 
 _BATCH = 1000
 # The store deletes by payload filter only: a stray point is first overwritten with this
@@ -163,7 +163,11 @@ async def _write(sessions, store, name: str, sources: list[str], chunk_ids: list
     for batch in _batches(chunk_ids):
         async with sessions() as session:
             rows = await storage.chunk_vectors(session, batch, sources)
-        points = [point_of(chunk, mime, tags) for chunk, mime, tags in rows if chunk.vector]
+        points = [
+            Point(chunk, np.frombuffer(vector, np.float32), document, index, tenant, tags, mime)
+            for chunk, document, index, tenant, vector, mime, tags in rows
+            if vector
+        ]
         if not points:
             continue
         await vectors.ensure_collection(name, len(points[0].vector))

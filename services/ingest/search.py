@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.common.errors import InvalidArgument
 from services.ingest import storage
 from services.ingest.embed_client import EmbedClient
-from services.ingest.index import ChunkVectors, Point, collection_name, point_of
+from services.ingest.index import ChunkVectors, Point, collection_name
 from services.ingest.search_index import Filter, IndexedChunk, SearchIndex
 from services.ingest.storage import ChunkRow
 
@@ -166,14 +166,7 @@ class Retrieval:
 
     async def _add(self, rows: list[tuple[ChunkRow, str, list[str], str]], vectors: bool) -> int:
         if vectors:
-            by_collection: dict[str, list[Point]] = {}
-            for chunk, mime_type, tags, collection in rows:
-                if collection and chunk.vector is not None:
-                    point = point_of(chunk, mime_type, tags)
-                    by_collection.setdefault(collection, []).append(point)
-            for collection, points in by_collection.items():
-                await self._vectors.ensure_collection(collection, len(points[0].vector))
-                await self._vectors.upsert(collection, points)
+            await self._write_vectors(rows)
         chunks = [
             IndexedChunk(c.id, c.document_id, c.tenant, mime_type, tuple(tags), c.text)
             for c, mime_type, tags, _ in rows
@@ -181,6 +174,27 @@ class Retrieval:
         # Analysis (tokenizing, stemming) is CPU work: keep it off the event loop.
         await asyncio.to_thread(self._index.add, chunks)
         return len(chunks)
+
+    async def _write_vectors(self, rows: list[tuple[ChunkRow, str, list[str], str]]) -> None:
+        """Writes the vectors the chunk rows keep to their documents' collections."""
+        by_collection: dict[str, list[Point]] = {}
+        for chunk, mime_type, tags, collection in rows:
+            if collection and chunk.vector is not None:
+                vector = np.frombuffer(chunk.vector, np.float32)
+                by_collection.setdefault(collection, []).append(
+                    Point(
+                        chunk.id,
+                        vector,
+                        chunk.document_id,
+                        chunk.index,
+                        chunk.tenant,
+                        tags,
+                        mime_type,
+                    )
+                )
+        for collection, points in by_collection.items():
+            await self._vectors.ensure_collection(collection, len(points[0].vector))
+            await self._vectors.upsert(collection, points)
 
     async def add_chunks(
         self, document_id: str, chunks: list[ChunkRow], mime_type: str, tags

@@ -299,17 +299,24 @@ async def assign_collection(session: AsyncSession, collection: str) -> int:
 
 
 async def chunk_vectors(session: AsyncSession, chunk_ids: list[str], collections: list[str]):
-    """(chunk with its embedding, mime type, tags) for those chunks whose document is
-    READY with its vectors in one of `collections`."""
+    """(chunk id, document id, index, tenant, embedding, mime type, tags) of those chunks
+    whose document is READY with its vectors in one of `collections`."""
     query = (
-        select(ChunkRow, DocumentRow.mime_type, DocumentRow.tags)
+        select(
+            ChunkRow.id,
+            ChunkRow.document_id,
+            ChunkRow.index,
+            ChunkRow.tenant,
+            ChunkRow.vector,
+            DocumentRow.mime_type,
+            DocumentRow.tags,
+        )
         .join(DocumentRow, DocumentRow.id == ChunkRow.document_id)
         .where(
             ChunkRow.id.in_(chunk_ids),
             DocumentRow.status == READY,
             DocumentRow.vector_collection.in_(collections),
         )
-        .options(undefer(ChunkRow.vector))
     )
     return (await session.execute(query)).all()
 
