@@ -1,8 +1,8 @@
 """One vector-store interface for every service: Qdrant Edge shards on disk, or a Qdrant server.
 
 A collection holds points (a UUID, a vector, a payload dict) compared by cosine
-similarity; a filter is a conjunction of `Match` (the field holds any of these values)
-and `Range` conditions. `open_vector_store` picks the implementation:
+similarity; a filter is a conjunction of `Match` (the field holds any of these values),
+`Range` and `HasId` conditions. `open_vector_store` picks the implementation:
 
 - `QdrantServerStore` when a Qdrant URL is configured (qdrant_client.AsyncQdrantClient);
 - `EdgeVectorStore` otherwise: one Qdrant Edge shard (`qdrant-edge-py`) per collection
@@ -132,7 +132,19 @@ class Range:
         }
 
 
-Condition = Match | Range
+@dataclass(frozen=True)
+class HasId:
+    """The point is one of these (UUIDs); none matches nothing."""
+
+    ids: tuple[str, ...]
+
+    def __init__(self, ids: str | Iterable[str]):
+        object.__setattr__(
+            self, "ids", tuple(map(_point_id, [ids] if isinstance(ids, str) else ids))
+        )
+
+
+Condition = Match | Range | HasId
 Filter = Sequence[Condition]  # all conditions hold; empty means every point
 
 
@@ -149,7 +161,10 @@ def where(**fields: str | int | bool | Iterable[str | int | bool]) -> tuple[Matc
 
 
 def _matches_nothing(conditions: Filter) -> bool:
-    return any(isinstance(c, Match) and not c.values for c in conditions)
+    return any(
+        (isinstance(c, Match) and not c.values) or (isinstance(c, HasId) and not c.ids)
+        for c in conditions
+    )
 
 
 def _check_name(name: str) -> str:
@@ -931,6 +946,8 @@ def _edge_filter(conditions: Filter):
                 must.append(options[0] if len(options) == 1 else qe.Filter(should=options))
             else:
                 must.append(qe.FieldCondition(condition.field, match=qe.MatchAny(values)))
+        elif isinstance(condition, HasId):
+            must.append(qe.HasIdCondition({uuid.UUID(i) for i in condition.ids}))
         else:
             bounds = condition.bounds
             if any(isinstance(v, datetime) for v in bounds.values()):
@@ -1177,6 +1194,8 @@ def _server_filter(conditions: Filter):
                 must.append(
                     models.FieldCondition(key=condition.field, match=models.MatchAny(any=values))
                 )
+        elif isinstance(condition, HasId):
+            must.append(models.HasIdCondition(has_id=list(condition.ids)))
         else:
             bounds = condition.bounds
             if any(isinstance(v, datetime) for v in bounds.values()):

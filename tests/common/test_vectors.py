@@ -21,6 +21,7 @@ from services.common.vectors import (
     CollectionNotFound,
     DimensionMismatch,
     EdgeVectorStore,
+    HasId,
     Match,
     Prefix,
     QdrantServerStore,
@@ -175,6 +176,20 @@ async def test_range_filters_on_numbers_and_datetimes(store):
 async def test_number_range(filled):
     store, _ = filled
     assert await store.count("chunks", (Range("n", gte=10, lt=20),)) == 10
+
+
+async def test_points_by_id(filled):
+    store, vectors = filled
+    chosen = [str(uuid.UUID(int=n)) for n in (1, 2, 3, 4)]
+    assert await store.count("chunks", (HasId(chosen),)) == 4
+    assert await store.count("chunks", (HasId(chosen), *where(tenant="t0"))) == 2
+    hits = await store.search("chunks", vectors[0], (HasId(chosen[2:]),), limit=10)
+    assert sorted(p for p, _ in hits) == chosen[2:]
+    await store.delete("chunks", (HasId(chosen[:2]),))
+    assert await store.count("chunks") == 298
+    assert await store.count("chunks", (HasId([]),)) == 0
+    with pytest.raises(ValueError, match="UUID"):
+        HasId(["not-a-uuid"])
 
 
 async def test_ids_lists_every_matching_point(filled):
