@@ -38,7 +38,9 @@ from services.common.database import create_engine, sessionmaker, writing
 from services.common.errors import ServiceError
 from services.common.vectors import Match, VectorPoint, VectorStore, open_vector_store
 from services.ingest import storage
+from services.ingest.embed_client import EmbedClient
 from services.ingest.index import COLLECTIONS, ChunkVectors, Point, collection_name
+from services.ingest.settings import IngestSettings
 
 _BATCH = 1000
 # The store deletes by payload filter only: a stray point is first overwritten with this
@@ -113,7 +115,7 @@ async def reconcile(
         else:
             report.assigned = report.unassigned
         report.unassigned = 0
-        named[current_collection] = named.get(current_collection, 0) + report.assigned
+        named[current_collection] = report.assigned
     names = set(named) | set(await store.collections(COLLECTIONS.value))
     # A dry run counts the documents it would assign as assigned already.
     pretend = report.assigned and not fix
@@ -208,10 +210,21 @@ def _batches(items: list[str]) -> Iterable[list[str]]:
         yield items[first : first + _BATCH]
 
 
-async def _main(dry_run: bool) -> int:
-    from services.ingest.embed_client import EmbedClient
-    from services.ingest.settings import IngestSettings
+async def _current_collection(settings: IngestSettings) -> str:
+    """The collection of the model the embed service serves."""
+    embed = EmbedClient(
+        settings.embed_target,
+        timeout=settings.embed_timeout_seconds,
+        api_key=settings.embed_api_key,
+    )
+    try:
+        model = await embed.model()
+    finally:
+        await embed.close()
+    return collection_name(model.name, model.dimension)
 
+
+async def _main(dry_run: bool) -> int:
     settings = IngestSettings()
     engine = create_engine(settings.resolved_database_url)
     sessions = sessionmaker(engine)
@@ -224,19 +237,9 @@ async def _main(dry_run: bool) -> int:
             settings.qdrant_url, settings.qdrant_api_key, settings.vector_folder
         )
         try:
-            current = None
             async with sessions() as session:
-                if (await storage.ready_collections(session)).get(""):
-                    embed = EmbedClient(
-                        settings.embed_target,
-                        timeout=settings.embed_timeout_seconds,
-                        api_key=settings.embed_api_key,
-                    )
-                    try:
-                        model = await embed.model()
-                    finally:
-                        await embed.close()
-                    current = collection_name(model.name, model.dimension)
+                unassigned = (await storage.ready_collections(session)).get("", 0)
+            current = await _current_collection(settings) if unassigned else None
             report = await reconcile(sessions, store, fix=not dry_run, current_collection=current)
         finally:
             await store.close()

@@ -10,7 +10,7 @@ import numpy as np
 from sqlalchemy import update
 
 from ragmesh.ingest.v1 import ingest_pb2
-from services.common.database import writing
+from services.common.database import create_engine, sessionmaker, writing
 from services.common.vectors import VectorPoint, open_vector_store, where
 from services.ingest import storage
 from services.ingest.app import start
@@ -66,7 +66,17 @@ async def test_repair_writes_lost_points_again_and_deletes_strays(
         await app.server.stop(0)
         await app.close()
 
-    # With the service stopped, the shard loses the tennis points and gains one nobody wrote.
+    # With the service stopped, the shard loses the tennis points and gains one nobody wrote,
+    # and the volcano document names no collection, as documents from before collections
+    # were recorded do (the command then asks the embed service for its model).
+    engine = create_engine(settings.resolved_database_url)
+    async with writing(sessionmaker(engine)) as session:
+        await session.execute(
+            update(storage.DocumentRow)
+            .where(storage.DocumentRow.id == volcano.id)
+            .values(vector_collection="")
+        )
+    await engine.dispose()
     store = await open_vector_store(folder=settings.vector_folder)
     try:
         (collection,) = await store.collections(COLLECTIONS.value)
@@ -83,8 +93,10 @@ async def test_repair_writes_lost_points_again_and_deletes_strays(
 
     status, out = await repair(settings, "--dry-run")
     assert (status, found in out) == (3, True), out
+    assert "1 documents named no collection: to be given the current one" in out
     status, out = await repair(settings)
     assert status == 0 and found in out and "repaired" in out, out
+    assert "1 documents named no collection: given the current one" in out
     status, out = await repair(settings, "--dry-run")
     assert status == 0 and "the vector store matches the database" in out, out
 
