@@ -1,0 +1,5 @@
+"""The ragmesh command line: `ragmesh --help`."""
+
+from services.cli.app import main
+
+__all__ = ["main"]
