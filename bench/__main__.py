@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-BENCHES = ["runtime", "embed", "ingest", "search", "llm", "vector"]
+BENCHES = ["runtime", "embed", "ingest", "search", "llm", "vector", "sessions"]
 
 
 def main() -> None:
