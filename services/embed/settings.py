@@ -71,4 +71,9 @@ class EmbedSettings(ServiceSettings):
                 f"backend onnx runs on the CPU only, not on device {self.device!r}: "
                 "set backend to torch (or auto) for an accelerator"
             )
+        if self.onnx_precision != "fp32" and (self.backend == "torch" or self.device != "cpu"):
+            raise ValueError(
+                f"onnx_precision {self.onnx_precision} applies to the ONNX backend only, "
+                f"which backend {self.backend} on device {self.device!r} does not use"
+            )
         return self

@@ -179,7 +179,10 @@ async def test_a_model_the_export_refuses_is_served_on_torch_unless_onnx_is_aske
     )
 
 
-def test_the_onnx_backend_is_refused_on_an_accelerator():
+def test_onnx_settings_are_refused_where_onnx_does_not_run():
     with pytest.raises(ValidationError, match="CPU only"):
         EmbedSettings(backend="onnx", device="cuda")
-    assert EmbedSettings(device="cuda").backend == "auto"  # auto picks torch there
+    with pytest.raises(ValidationError, match="onnx_precision int8"):
+        EmbedSettings(backend="torch", onnx_precision="int8")
+    with pytest.raises(ValidationError, match="onnx_precision int8"):
+        EmbedSettings(device="cuda", onnx_precision="int8")  # auto picks torch there
