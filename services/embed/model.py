@@ -1,4 +1,8 @@
-"""The micro-batcher that shares the embedding model's forward passes across callers."""
+"""The micro-batcher that shares the embedding model's forward passes across callers.
+
+The model runs in a `Backend`: onnx_backend.py (the default on CPU) or torch_backend.py
+(sentence-transformers as loaded by `load_model`).
+"""
 
 import asyncio
 import enum
