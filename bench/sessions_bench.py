@@ -2,7 +2,8 @@
 call and a direct transformers generate() on the same prompt, with its breakdown; the
 sessions process's RSS with 10,000 stored exchanges; answer quality on sessions_qa.
 
-    python -m bench.sessions_bench [--quick]      (or: python -m bench sessions)
+    python -m bench.sessions_bench [--quick] [--parts first_token,quality,memory]
+    python -m bench sessions                     (everything, full size)
 
 Every service runs in its own process (`python -m services.<name>`, as `make run` starts
 them): embed, ingest, llm (the packaged SmolLM2-135M-Instruct), and three sessions
@@ -54,6 +55,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -70,7 +72,6 @@ import grpc
 import psutil
 
 from bench.data.sessions_qa import build as qa
-from bench.embed_bench import free_port, peak_rss_mib
 from ragmesh.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from ragmesh.llm.v1 import llm_pb2, llm_pb2_grpc
 from ragmesh.sessions.v1 import sessions_pb2, sessions_pb2_grpc
@@ -88,6 +89,7 @@ QA_CONCURRENCY = 4  # questions asked at once in the quality run
 PER_SESSION = 50  # stored exchanges per session in the memory run
 ANSWER_CHARS = 400  # characters of each stored answer in the memory run
 READY = ingest_pb2.DocumentStatus.Value("DOCUMENT_STATUS_READY")
+PARTS = ("first_token", "quality", "memory")
 VARIANTS = ("sessions", "sessions_no_memory", "sessions_proxy", "chat", "generate")
 
 
@@ -175,6 +177,19 @@ def sessions_env(port: int, data: Path, ingest: str, embed: str, llm: str) -> di
         "RAGMESH_SESSIONS_LLM_TARGET": llm,
         "RAGMESH_SESSIONS_LOG_LEVEL": "WARNING",
     }
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def rss_mib(process: subprocess.Popen) -> float:
@@ -994,7 +1009,7 @@ def print_memory(figures: dict, config: Config) -> None:
 # --------------------------------------------------------------------------- main
 
 
-async def run(config: Config, workdir: Path) -> None:
+async def run(config: Config, workdir: Path, parts: Sequence[str] = PARTS) -> None:
     # A SIGTERM (a timeout, a CI cancel) stops the service processes too.
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
     questions = qa.load_questions()
@@ -1066,46 +1081,48 @@ async def run(config: Config, workdir: Path) -> None:
         doc_ids = await upload(ingest, documents)
         upload_s = time.perf_counter() - started
         facts = await fact_chunks(ingest, doc_ids, questions)
-        direct = Direct(folder, gguf_file)
-        llama = None
-        if llm_pb2.Backend.Name(status.options.backend) == "BACKEND_LLAMA_CPP":
-            llama = DirectLlama(status.context_length, direct.render)
-        import torch
-
         print(
             f"sessions bench: llm serves {status.serving_model} on "
             f"{llm_pb2.Backend.Name(status.options.backend)} ({status.device or 'cpu'}); "
-            f"generate() runs it fp32 in transformers on {torch.get_num_threads()} CPU "
-            f"threads{' from the packaged GGUF' if gguf_file else ''}; embed, ingest, llm "
-            f"and sessions each in its own process; "
-            f"{len(documents)} sessions_qa documents uploaded in {upload_s:.1f} s "
-            f"({load()})",
+            f"embed, ingest, llm and sessions each in its own process; {len(documents)} "
+            f"sessions_qa documents uploaded in {upload_s:.1f} s ({load()})",
             flush=True,
         )
-        rounds = await first_token_rounds(
-            config, questions, list(doc_ids.values()), a, b, proxy, llm, ingest, direct, llama
-        )
-        print_rounds(rounds, config, status.context_length)
-        print(f"  ({load()} after the rounds)", flush=True)
+        if "first_token" in parts:
+            direct = Direct(folder, gguf_file)
+            llama = None
+            if llm_pb2.Backend.Name(status.options.backend) == "BACKEND_LLAMA_CPP":
+                llama = DirectLlama(status.context_length, direct.render)
+            threads = direct.torch.get_num_threads()
+            print(
+                f"  generate() runs the model fp32 in transformers on {threads} CPU threads"
+                f"{' from the packaged GGUF' if gguf_file else ''}"
+            )
+            rounds = await first_token_rounds(
+                config, questions, list(doc_ids.values()), a, b, proxy, llm, ingest, direct, llama
+            )
+            print_rounds(rounds, config, status.context_length)
+            print(f"  ({load()} after the rounds)", flush=True)
+            del direct, llama
 
-        asked = questions[: config.questions] if config.questions else questions
-        results = await quality(a, asked, doc_ids, facts)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text("".join(json.dumps(r) + "\n" for r in results))
-        print(
-            f"  answer quality (bench/data/sessions_qa; every turn in {RESULTS.relative_to(ROOT)})"
-        )
-        print_quality(results)
-        print(f"  ({load()} after the questions)", flush=True)
+        if "quality" in parts:
+            asked = questions[: config.questions] if config.questions else questions
+            results = await quality(a, asked, doc_ids, facts)
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            RESULTS.write_text("".join(json.dumps(r) + "\n" for r in results))
+            where = RESULTS.relative_to(ROOT)
+            print(f"  answer quality (bench/data/sessions_qa; every turn in {where})")
+            print_quality(results)
+            print(f"  ({load()} after the questions)", flush=True)
         for channel in channels:
             await channel.close()
         processes.stop("sessions-a")
         processes.stop("sessions-b")
-        del direct, llama
-        figures = await memory_run(
-            config, processes, workdir, targets, list(doc_ids.values()), status.serving_model
-        )
-        print_memory(figures, config)
+        if "memory" in parts:
+            figures = await memory_run(
+                config, processes, workdir, targets, list(doc_ids.values()), status.serving_model
+            )
+            print_memory(figures, config)
     finally:
         processes.stop_all()
         await proxy.close()
@@ -1132,10 +1149,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help=f"{QUICK.rounds} rounds, {QUICK.questions} questions, {QUICK.exchanges} exchanges",
     )
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"which parts to run, comma-separated (default: all of {','.join(PARTS)})",
+    )
     args = parser.parse_args(list(argv or []))
+    parts = [part.strip() for part in args.parts.split(",") if part.strip()]
+    if unknown := set(parts) - set(PARTS):
+        parser.error(f"unknown parts {sorted(unknown)}; choose from {list(PARTS)}")
     workdir = Path(tempfile.mkdtemp(prefix="sessions-bench-"))
     try:
-        asyncio.run(run(QUICK if args.quick else FULL, workdir))
+        asyncio.run(run(QUICK if args.quick else FULL, workdir, parts))
     except BaseException:
         print(f"service logs kept in {workdir}", file=sys.stderr)
         raise
