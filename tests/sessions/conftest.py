@@ -17,13 +17,12 @@ from services.embed.settings import EmbedSettings
 from services.ingest.app import start as start_ingest
 from services.ingest.settings import IngestSettings
 from services.llm.app import start as start_llm
-from services.llm.provision import provision
 from services.llm.settings import LlmSettings
 from services.sessions.app import start as start_sessions
 from services.sessions.settings import SessionsSettings
 
 REPO = Path(__file__).resolve().parents[2]
-# Shared with the llm tests: the 40 s GGUF conversion happens once.
+# Shared with the llm tests: the default model is prepared there once.
 CACHE_MODELS = REPO / "var" / "cache" / "llm-tests" / "models"
 API_KEYS = {
     "alice-key": "alice:acme",
@@ -61,11 +60,11 @@ async def ingest_target(embed_target, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 async def llm_target(tmp_path_factory):
-    models = provision(CACHE_MODELS).parent
+    CACHE_MODELS.mkdir(parents=True, exist_ok=True)
     settings = LlmSettings(
         port=0,
         data_dir=tmp_path_factory.mktemp("llm"),
-        models_dir=models,
+        models_dir=CACHE_MODELS,
         api_keys=API_KEYS,
         shutdown_grace_seconds=0.5,
     )
