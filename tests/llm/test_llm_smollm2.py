@@ -103,15 +103,16 @@ async def test_a_client_cancel_or_deadline_stops_generation(smol):
     # 300 tokens take the real model far longer than the few seconds allowed below, and
     # greedy decoding of this prompt does not end early (a sampled story sometimes did).
     overrides = gen_overrides(max_new_tokens=300, temperature=0)
+    prompt = "Write a long story about a dragon, in many paragraphs."
     call = smol.llm.Generate(
-        llm_pb2.GenerateRequest(prompt="Write a long story about a dragon, in many paragraphs.", request_id="gone", overrides=overrides)
+        llm_pb2.GenerateRequest(prompt=prompt, request_id="gone", overrides=overrides)
     )
     await call.read()
     call.cancel()
     assert await _reusable(smol, "gone", within=5)
 
     call = smol.llm.Generate(
-        llm_pb2.GenerateRequest(prompt="Write a long story about a dragon, in many paragraphs.", request_id="late", overrides=overrides),
+        llm_pb2.GenerateRequest(prompt=prompt, request_id="late", overrides=overrides),
         timeout=1.0,
     )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
