@@ -279,7 +279,9 @@ def report(result, agreement, rss, directs, n, m, load_before, load_after) -> No
         f"  min cosine to the torch service's vectors ({n + m} texts): service onnx"
         f" {agreement['onnx']:.7f} (aim >= 0.99999), int8 {agreement['int8']:.4f}"
     )
-    print("  peak RSS: " + ", ".join(f"service {name} {mib:.0f} MiB" for name, mib in rss.items()))
+    print("  RSS once serving / peak (the peak is while 32 chunks of 256 tokens run):")
+    for name, (ready, peak) in rss.items():
+        print(f"    service {name:<14} {ready:6.0f} / {peak:.0f} MiB")
 
 
 if __name__ == "__main__":
