@@ -6,11 +6,11 @@ BUF = node_modules/.bin/buf
 PROTOS = $(wildcard protos/ragmesh/*/v1/*.proto)
 PG_BIN = $(firstword $(wildcard /usr/lib/postgresql/*/bin/pg_ctl))
 
-.PHONY: setup proto proto-baseline lint test run bench clean
+.PHONY: setup build-tools proto proto-baseline lint test run bench clean
 
 setup: .venv/.installed node_modules/.installed postgres-binaries
 
-.venv/.installed: pyproject.toml
+.venv/.installed: pyproject.toml | build-tools
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	# The CPU build on disk; a range would pull a multi-GB CUDA build.
@@ -23,6 +23,14 @@ setup: .venv/.installed node_modules/.installed postgres-binaries
 node_modules/.installed: package.json
 	npm install --no-fund --no-audit --loglevel=error
 	touch $@
+
+# llama-cpp-python (the llm's GGUF backend) has no wheels on PyPI: pip builds it from source
+# once (about 7 min; its cache keeps the wheel) with CMake and a C++ compiler.
+build-tools:
+	@if ! command -v cmake >/dev/null || ! command -v g++ >/dev/null; then \
+	  echo "CMake or g++ missing (llama-cpp-python builds from source): installing Debian's cmake and g++"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q cmake g++; \
+	fi
 
 # Tests start their own throwaway PostgreSQL from these binaries.
 postgres-binaries:
