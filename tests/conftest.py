@@ -1,4 +1,5 @@
-"""What every test run shares: no model hub, ever, and a throwaway PostgreSQL server."""
+"""What every test run shares: no model hub, ever, a throwaway PostgreSQL server, and the
+real mesh for tests that drive it from outside (tests/live_mesh.py)."""
 
 import glob
 import itertools
@@ -12,6 +13,8 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+pytest_plugins = ["live_mesh"]
 
 
 @pytest.fixture(scope="session")
