@@ -40,14 +40,12 @@ _QUANT_TO_PB = {
 }
 _QUANT_FROM_PB = {v: k for k, v in _QUANT_TO_PB.items()}
 _BACKEND_FROM_PB = {
-    llm_pb2.BACKEND_UNSPECIFIED: "transformers",
+    llm_pb2.BACKEND_UNSPECIFIED: "auto",
     llm_pb2.BACKEND_TRANSFORMERS: "transformers",
     llm_pb2.BACKEND_OPENAI_COMPATIBLE: "openai",
+    llm_pb2.BACKEND_LLAMA_CPP: "llama_cpp",
 }
-_BACKEND_TO_PB = {
-    "transformers": llm_pb2.BACKEND_TRANSFORMERS,
-    "openai": llm_pb2.BACKEND_OPENAI_COMPATIBLE,
-}
+_BACKEND_TO_PB = {name: value for value, name in _BACKEND_FROM_PB.items()}
 _ROLES = {
     llm_pb2.ROLE_SYSTEM: "system",
     llm_pb2.ROLE_USER: "user",

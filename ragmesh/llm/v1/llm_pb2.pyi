@@ -48,6 +48,7 @@ class Backend(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BACKEND_UNSPECIFIED: _ClassVar[Backend]
     BACKEND_TRANSFORMERS: _ClassVar[Backend]
     BACKEND_OPENAI_COMPATIBLE: _ClassVar[Backend]
+    BACKEND_LLAMA_CPP: _ClassVar[Backend]
 
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -85,6 +86,7 @@ QUANTIZATION_NF4: Quantization
 BACKEND_UNSPECIFIED: Backend
 BACKEND_TRANSFORMERS: Backend
 BACKEND_OPENAI_COMPATIBLE: Backend
+BACKEND_LLAMA_CPP: Backend
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason

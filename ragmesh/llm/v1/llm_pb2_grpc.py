@@ -122,13 +122,17 @@ class LlmServiceServicer:
         at most RAGMESH_LLM_HUB_MAX_DOWNLOAD_BYTES in all and within
         RAGMESH_LLM_HUB_DOWNLOAD_TIMEOUT_SECONDS, after which the download is
         stopped; otherwise the load FAILS with `error` naming the setting.
-        Errors: INVALID_ARGUMENT for an empty model or bad options; NOT_FOUND for a
-        local path that does not exist; PERMISSION_DENIED without the scope "admin",
+        Errors: INVALID_ARGUMENT for an empty model or bad options (among them
+        BACKEND_LLAMA_CPP for a model that is not a .gguf, or dtype or quantization
+        for a GGUF on it); NOT_FOUND for a local path that does not exist;
+        PERMISSION_DENIED without the scope "admin",
         for a path outside the configured model roots, for trust_remote_code the
         operator does not allow (reason REMOTE_CODE_NOT_ALLOWED) or a base_url not
         in RAGMESH_LLM_REMOTE_BASE_URLS (reason BASE_URL_NOT_ALLOWED), the setting
         named in the ErrorInfo metadata "setting"; FAILED_PRECONDITION when a load is
-        already in flight or quantization is asked for without CUDA.
+        already in flight, quantization is asked for without CUDA, or a CUDA device
+        for a GGUF when this llama-cpp-python build has no GPU offload (reason
+        CUDA_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
