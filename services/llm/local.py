@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from services.common.errors import FailedPrecondition
 from services.llm.batching import BatchingEngine, Request
 from services.llm.engine import EngineInfo, Message
 
@@ -45,6 +46,12 @@ class TransformersEngine(BatchingEngine):
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def encode_chat(self, messages: list[Message]) -> list[int]:
+        if not self.tokenizer.chat_template:
+            raise FailedPrecondition(
+                f"{self.info.name} has no chat template (chat_template in its tokenizer "
+                "config); use Generate with a prompt, or load an instruct model",
+                reason="NO_CHAT_TEMPLATE",
+            )
         rendered = self.tokenizer.apply_chat_template(
             [{"role": m.role, "content": m.content} for m in messages],
             add_generation_prompt=True,

@@ -183,7 +183,8 @@ class LlmServiceServicer:
     def CountTokens(self, request, context):
         """CountTokens counts the tokens of a prompt or of chat messages rendered with
         the model's chat template.
-        Errors: FAILED_PRECONDITION when no model is READY.
+        Errors: FAILED_PRECONDITION when no model is READY, or (reason
+        NO_CHAT_TEMPLATE) for messages when the model has no chat template.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -212,7 +213,8 @@ class LlmServiceServicer:
         max_new_tokens, whole messages are dropped from the oldest (never the system
         prompt or the last user message) and the final message says how many.
         Errors: as Generate; INVALID_ARGUMENT when the messages are empty or do not
-        fit even after dropping.
+        fit even after dropping; FAILED_PRECONDITION (reason NO_CHAT_TEMPLATE) for a
+        model without a chat template (a base model's GGUF): use Generate.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
