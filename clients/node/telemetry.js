@@ -7,36 +7,7 @@
 // when the service has API keys configured. Exits 1 with the gRPC status on failure.
 "use strict";
 
-const path = require("node:path");
-const grpc = require("@grpc/grpc-js");
-const protoLoader = require("@grpc/proto-loader");
-
-const PROTOS = path.resolve(__dirname, "..", "..", "protos");
-
-function loadTelemetryService() {
-  const definition = protoLoader.loadSync("ragmesh/telemetry/v1/telemetry.proto", {
-    includeDirs: [PROTOS],
-    keepCase: true, // field names as in the .proto: status.cpu.usage_percent
-    longs: String, // uint64 byte counts exceed JavaScript's safe integers
-    enums: String,
-    defaults: true,
-  });
-  return grpc.loadPackageDefinition(definition).ragmesh.telemetry.v1.TelemetryService;
-}
-
-// Calls a unary method with a deadline and the API key, as a promise.
-function call(client, method, request) {
-  const metadata = new grpc.Metadata();
-  if (process.env.RAGMESH_API_KEY) {
-    metadata.set("authorization", `Bearer ${process.env.RAGMESH_API_KEY}`);
-  }
-  const deadline = new Date(Date.now() + 10_000);
-  return new Promise((resolve, reject) => {
-    client[method](request, metadata, { deadline }, (error, response) =>
-      error ? reject(error) : resolve(response),
-    );
-  });
-}
+const { connect, fail, unary } = require("./ragmesh");
 
 const GIB = 1024 ** 3;
 const gib = (bytes) => `${(Number(bytes) / GIB).toFixed(1)} GiB`;
@@ -99,20 +70,15 @@ function printMesh(services) {
 
 async function main() {
   const target = process.argv[2] || "localhost:50055";
-  const TelemetryService = loadTelemetryService();
-  const client = new TelemetryService(target, grpc.credentials.createInsecure());
+  const client = connect("telemetry", "TelemetryService", target);
   try {
-    const system = await call(client, "GetSystemStatus", {});
+    const system = await unary(client, "GetSystemStatus", {}, 10);
     printSystem(system.status);
-    const mesh = await call(client, "GetMeshStatus", {});
+    const mesh = await unary(client, "GetMeshStatus", {}, 10);
     printMesh(mesh.services);
   } finally {
     client.close();
   }
 }
 
-main().catch((error) => {
-  const code = error.code === undefined ? "" : `${grpc.status[error.code]}: `;
-  console.error(`telemetry.js: ${code}${error.details || error.message}`);
-  process.exit(1);
-});
+main().catch((error) => fail("telemetry.js", error));
