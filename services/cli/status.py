@@ -34,7 +34,7 @@ def _uptime(duration: duration_pb2.Duration) -> str:
 
 
 def render(system: telemetry_pb2.SystemStatus, mesh: telemetry_pb2.GetMeshStatusResponse):
-    """The whole view: host, CPU, memory, disks, GPUs, warnings and the mesh."""
+    """The whole view: host, CPU, memory, disks, GPUs, warnings, the mesh and its figures."""
     cpu, memory, swap = system.cpu, system.memory, system.swap
     parts = [
         Text.assemble(
@@ -119,7 +119,46 @@ def render(system: telemetry_pb2.SystemStatus, mesh: telemetry_pb2.GetMeshStatus
             service.error,
         )
     parts.append(services)
+    parts.extend(_figures(mesh))
     return Group(*parts)
+
+
+def _ms(value: float) -> str:
+    if value >= 10:
+        return f"{value:.0f} ms"
+    return f"{value:.1f} ms" if value >= 1 else f"{value:.2f} ms"
+
+
+def _figures(mesh: telemetry_pb2.GetMeshStatusResponse) -> list[Table]:
+    """The calls per RPC and the model queues each service reported, when any did."""
+    rpcs = table("SERVICE", "RPC", "CALLS", "ERRORS", "P50", "P95", "MAX")
+    queues = table("SERVICE", "QUEUE", "WAITING", "BATCHES", "MEAN BATCH", "MAX BATCH")
+    for service in mesh.services:
+        for rpc in service.metrics.rpcs:
+            errors = ", ".join(
+                f"{count} {code}" for code, count in sorted(rpc.errors_by_code.items())
+            )
+            add_row(
+                rpcs,
+                service.name,
+                rpc.method.rsplit("/", 1)[-1],
+                str(rpc.calls),
+                Text(errors, style="red") if errors else "0",
+                _ms(rpc.p50_ms),
+                _ms(rpc.p95_ms),
+                _ms(rpc.max_ms),
+            )
+        for queue in service.metrics.queues:
+            add_row(
+                queues,
+                service.name,
+                queue.name,
+                str(queue.depth),
+                str(queue.batches),
+                f"{queue.mean_batch_size:.1f}",
+                str(queue.max_batch_size),
+            )
+    return [figures for figures in (rpcs, queues) if figures.row_count]
 
 
 def status(
@@ -132,7 +171,8 @@ def status(
     ] = 2.0,
     json_: JsonFlag = False,
 ) -> None:
-    """The host (CPU, memory, disks, GPUs, warnings) and the health of every service."""
+    """The host (CPU, memory, disks, GPUs, warnings), the health of every service, its
+    calls per RPC (errors, latencies) and its model queue."""
     mesh = ctx.obj
     stub = mesh.stub("telemetry")
     as_json = json_ or mesh.json

@@ -1,4 +1,5 @@
-"""The server interceptor every service runs: request id, auth, logging, error mapping.
+"""The server interceptor every service runs: request id, auth, logging, error mapping,
+and each call's status and latency in the server's metrics.
 
 It wraps unary and streaming handlers alike. Domain errors (`ServiceError`) become their
 status code with `google.rpc.Status` details; anything else becomes INTERNAL with the
@@ -20,46 +21,53 @@ from services.common.context import (
     principal_var,
     request_id_var,
 )
+from services.common.decoding import reject_undecodable
 from services.common.errors import ServiceError, Unimplemented
+from services.common.metrics import SERVICE_NAME as METRICS_SERVICE
+from services.common.metrics import ServerMetrics
 
 _LOGGER = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
-# Health and reflection stay open so probes and grpcurl work without credentials.
-_OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Health, reflection and metrics stay open so probes, grpcurl and the telemetry service
+# work without credentials; their calls are not counted in the metrics.
+_OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.", f"/{METRICS_SERVICE}/")
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(self, authenticator: Authenticator, metrics: ServerMetrics | None = None) -> None:
         self._authenticator = authenticator
+        self._metrics = metrics
 
     async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        handler = reject_undecodable(await continuation(handler_call_details), method)
         if handler is None:
             return None
-        method = handler_call_details.method
-        enforce_auth = self._authenticator.enabled and not method.startswith(_OPEN_PREFIXES)
+        is_open = method.startswith(_OPEN_PREFIXES)
+        enforce_auth = self._authenticator.enabled and not is_open
+        metrics = None if is_open else self._metrics
         metadata = handler_call_details.invocation_metadata or ()
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(
-                self._wrap_stream(handler.stream_stream, method, metadata, enforce_auth),
+                self._wrap_stream(handler.stream_stream, method, metadata, enforce_auth, metrics),
                 handler.request_deserializer,
                 handler.response_serializer,
             )
         if handler.request_streaming:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(handler.stream_unary, method, metadata, enforce_auth),
+                self._wrap_unary(handler.stream_unary, method, metadata, enforce_auth, metrics),
                 handler.request_deserializer,
                 handler.response_serializer,
             )
         if handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method, metadata, enforce_auth),
+                self._wrap_stream(handler.unary_stream, method, metadata, enforce_auth, metrics),
                 handler.request_deserializer,
                 handler.response_serializer,
             )
         return grpc.unary_unary_rpc_method_handler(
-            self._wrap_unary(handler.unary_unary, method, metadata, enforce_auth),
+            self._wrap_unary(handler.unary_unary, method, metadata, enforce_auth, metrics),
             handler.request_deserializer,
             handler.response_serializer,
         )
@@ -81,22 +89,30 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         if enforce_auth:
             principal_var.set(self._authenticator.authenticate(authorization))
 
-    def _wrap_unary(self, behavior, method, metadata, enforce_auth):
+    def _wrap_unary(self, behavior, method, metadata, enforce_auth, metrics):
         async def wrapper(request, context):
             started = time.perf_counter()
+            # A call that ends any other way was cancelled by its client.
+            code = grpc.StatusCode.CANCELLED
             try:
                 self._enter(context, metadata, enforce_auth)
                 response = await behavior(request, context)
+                code = grpc.StatusCode.OK
             except Exception as exc:
+                code = _status_code(exc, context)
                 await _abort(context, exc, method, started)
+            finally:
+                if metrics is not None:
+                    metrics.record_call(method, code, time.perf_counter() - started)
             _log_done(method, started)
             return response
 
         return wrapper
 
-    def _wrap_stream(self, behavior, method, metadata, enforce_auth):
+    def _wrap_stream(self, behavior, method, metadata, enforce_auth, metrics):
         async def wrapper(request, context):
             started = time.perf_counter()
+            code = grpc.StatusCode.CANCELLED
             try:
                 self._enter(context, metadata, enforce_auth)
                 result = behavior(request, context)
@@ -105,8 +121,13 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                         yield item
                 else:
                     await result
+                code = grpc.StatusCode.OK
             except Exception as exc:
+                code = _status_code(exc, context)
                 await _abort(context, exc, method, started)
+            finally:
+                if metrics is not None:
+                    metrics.record_call(method, code, time.perf_counter() - started)
             _log_done(method, started)
 
         return wrapper
@@ -120,6 +141,17 @@ def _log_done(method: str, started: float) -> None:
             (time.perf_counter() - started) * 1000,
             extra={"method": method},
         )
+
+
+def _status_code(exc: Exception, context) -> grpc.StatusCode:
+    """The status the call ends with because of exc (see _abort)."""
+    if isinstance(exc, grpc.aio.AbortError):
+        return context.code() or grpc.StatusCode.UNKNOWN
+    if isinstance(exc, NotImplementedError):
+        return grpc.StatusCode.UNIMPLEMENTED
+    if isinstance(exc, ServiceError):
+        return exc.code
+    return grpc.StatusCode.INTERNAL
 
 
 async def _abort(context, exc: Exception, method: str, started: float) -> None:

@@ -1,4 +1,5 @@
-"""Builds and runs a service's gRPC server: health, reflection, interceptors, shutdown."""
+"""Builds and runs a service's gRPC server: health, reflection, metrics, interceptors,
+shutdown."""
 
 import asyncio
 import logging
@@ -11,8 +12,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
+from ragmesh.telemetry.v1 import metrics_pb2_grpc
 from services.common.auth import Authenticator
 from services.common.interceptors import CallInterceptor
+from services.common.metrics import SERVICE_NAME as METRICS_SERVICE
+from services.common.metrics import MetricsServicer, ServerMetrics
 from services.common.settings import ServiceSettings
 from services.common.tracing import configure_tracing
 
@@ -41,6 +45,7 @@ class RunningServer:
     health: health.HealthServicer
     service_names: list[str]
     settings: ServiceSettings
+    metrics: ServerMetrics
     tracer_provider: TracerProvider | None = None
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -61,6 +66,8 @@ class RunningServer:
         await self.server.stop(grace)
         if self.tracer_provider is not None:
             self.tracer_provider.force_flush()
+        # The OTLP exporter's last export blocks: keep it off the event loop.
+        await asyncio.to_thread(self.metrics.shutdown)
 
 
 async def create_server(
@@ -83,7 +90,8 @@ async def create_server(
         from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
         interceptors.append(aio_server_interceptor(tracer_provider=tracer_provider))
-    interceptors.append(CallInterceptor(Authenticator(settings)))
+    metrics = ServerMetrics(settings.service_name(), settings.otlp_endpoint)
+    interceptors.append(CallInterceptor(Authenticator(settings), metrics))
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -92,6 +100,7 @@ async def create_server(
     server = grpc.aio.server(interceptors=interceptors, options=options)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    metrics_pb2_grpc.add_MetricsServiceServicer_to_server(MetricsServicer(metrics), server)
     for spec in services:
         spec.add_to_server(spec.servicer, server)
     names = [spec.full_name for spec in services]
@@ -99,6 +108,7 @@ async def create_server(
         [
             *names,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            METRICS_SERVICE,
             reflection.SERVICE_NAME,
         ],
         server,
@@ -108,7 +118,9 @@ async def create_server(
     if port == 0:
         raise RuntimeError(f"could not bind {host}:{settings.port}")
     await server.start()
-    running = RunningServer(server, port, health_servicer, names, settings, tracer_provider)
+    running = RunningServer(
+        server, port, health_servicer, names, settings, metrics, tracer_provider
+    )
     await health_servicer.set(LIVENESS, SERVING)
     await running.set_serving(serving)
     _LOGGER.info("listening on %s:%d (%s)", settings.host, port, ", ".join(names))

@@ -5,6 +5,7 @@ import logging
 from dataclasses import dataclass
 
 from ragmesh.embed.v1 import embed_pb2, embed_pb2_grpc
+from services.common.metrics import QueueFigures
 from services.common.server import RunningServer, ServiceSpec, create_server
 from services.embed.model import Backend, Embedder, Limits, compute_shards, load_model
 from services.embed.onnx_backend import OnnxBackend
@@ -78,6 +79,15 @@ async def start(settings: EmbedSettings, model=None, backend: Backend | None = N
         await running.stop(0)
         raise
     servicer.embedder = embedder
+    running.metrics.watch_queue(
+        "embed",
+        lambda: QueueFigures(
+            depth=embedder.queued_texts,
+            batches=embedder.stats.batches,
+            batched_items=embedder.stats.texts,
+            max_batch_size=embedder.stats.max_batch_size,
+        ),
+    )
     await running.set_serving(True)
     _LOGGER.info(
         "model %s ready: dimension %d, max %d tokens, on %s (%s)",

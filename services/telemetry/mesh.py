@@ -1,4 +1,5 @@
-"""Probes each configured ragmesh service with grpc.health.v1 and times the answer."""
+"""Probes each configured ragmesh service with grpc.health.v1, times the answer and reads
+the service's figures from its MetricsService (see services/common/metrics.py)."""
 
 import asyncio
 import time
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ragmesh.telemetry.v1 import metrics_pb2, metrics_pb2_grpc
 from services.common.clients import open_channel
 
 SERVING, NOT_SERVING, UNREACHABLE = 1, 2, 3  # the proto's ServiceHealth.State values
@@ -19,6 +21,8 @@ class ServiceProbe:
     state: int
     latency_seconds: float | None
     error: str
+    # None when the service did not answer GetServiceMetrics.
+    metrics: metrics_pb2.ServiceMetrics | None = None
 
 
 class MeshProber:
@@ -28,23 +32,29 @@ class MeshProber:
         self._timeout = timeout_seconds
         self._channels = {name: open_channel(target) for name, target in targets.items()}
         self._stubs = {
-            name: (target, health_pb2_grpc.HealthStub(self._channels[name]))
+            name: (
+                target,
+                health_pb2_grpc.HealthStub(self._channels[name]),
+                metrics_pb2_grpc.MetricsServiceStub(self._channels[name]),
+            )
             for name, target in sorted(targets.items())
         }
 
     async def probe_all(self) -> list[ServiceProbe]:
         return list(
             await asyncio.gather(
-                *(self._probe(name, target, stub) for name, (target, stub) in self._stubs.items())
+                *(self._probe(name, *stubs) for name, stubs in self._stubs.items())
             )
         )
 
-    async def _probe(self, name: str, target: str, stub) -> ServiceProbe:
+    async def _probe(self, name: str, target: str, health, metrics) -> ServiceProbe:
+        figures = asyncio.create_task(self._metrics(metrics))
         started = time.perf_counter()
         try:
             # The service name "" asks for the server's overall health.
-            response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=self._timeout)
+            response = await health.Check(health_pb2.HealthCheckRequest(), timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
+            figures.cancel()
             return ServiceProbe(
                 name, target, UNREACHABLE, None, f"{exc.code().name}: {exc.details()}"
             )
@@ -52,7 +62,17 @@ class MeshProber:
         state = (
             SERVING if response.status == health_pb2.HealthCheckResponse.SERVING else NOT_SERVING
         )
-        return ServiceProbe(name, target, state, latency, "")
+        return ServiceProbe(name, target, state, latency, "", await figures)
+
+    async def _metrics(self, stub) -> metrics_pb2.ServiceMetrics | None:
+        """The service's figures, or None from a service without a MetricsService."""
+        try:
+            response = await stub.GetServiceMetrics(
+                metrics_pb2.GetServiceMetricsRequest(), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError:
+            return None
+        return response.metrics
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -78,5 +78,7 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
             )
             if probe.latency_seconds is not None:
                 health.latency.FromTimedelta(timedelta(seconds=probe.latency_seconds))
+            if probe.metrics is not None:
+                health.metrics.CopyFrom(probe.metrics)
             services.append(health)
         return telemetry_pb2.GetMeshStatusResponse(services=services)

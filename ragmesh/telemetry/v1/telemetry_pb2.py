@@ -24,53 +24,54 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from ragmesh.telemetry.v1 import metrics_pb2 as ragmesh_dot_telemetry_dot_v1_dot_metrics__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$ragmesh/telemetry/v1/telemetry.proto\x12\x14ragmesh.telemetry.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"4\n\x16GetSystemStatusRequest\x12\x1a\n\x12skip_gpu_processes\x18\x01 \x01(\x08\"M\n\x17GetSystemStatusResponse\x12\x32\n\x06status\x18\x01 \x01(\x0b\x32\".ragmesh.telemetry.v1.SystemStatus\"c\n\x18WatchSystemStatusRequest\x12+\n\x08interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12skip_gpu_processes\x18\x02 \x01(\x08\"O\n\x19WatchSystemStatusResponse\x12\x32\n\x06status\x18\x01 \x01(\x0b\x32\".ragmesh.telemetry.v1.SystemStatus\"\x16\n\x14GetMeshStatusRequest\"N\n\x15GetMeshStatusResponse\x12\x35\n\x08services\x18\x01 \x03(\x0b\x32#.ragmesh.telemetry.v1.ServiceHealth\"\xf7\x04\n\x0cSystemStatus\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12-\n\tboot_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06uptime\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x03\x63pu\x18\x05 \x01(\x0b\x32\x1f.ragmesh.telemetry.v1.CpuStatus\x12\x32\n\x06memory\x18\x06 \x01(\x0b\x32\".ragmesh.telemetry.v1.MemoryStatus\x12.\n\x04swap\x18\x07 \x01(\x0b\x32 .ragmesh.telemetry.v1.SwapStatus\x12/\n\x05\x64isks\x18\x08 \x03(\x0b\x32 .ragmesh.telemetry.v1.DiskStatus\x12-\n\x04gpus\x18\t \x03(\x0b\x32\x1f.ragmesh.telemetry.v1.GpuStatus\x12\x1e\n\x16gpu_unavailable_reason\x18\n \x01(\t\x12=\n\x0ctemperatures\x18\x0b \x03(\x0b\x32\'.ragmesh.telemetry.v1.TemperatureSensor\x12\x34\n\x07network\x18\x0c \x01(\x0b\x32#.ragmesh.telemetry.v1.NetworkStatus\x12/\n\x08warnings\x18\r \x03(\x0b\x32\x1d.ragmesh.telemetry.v1.Warning\x12\x19\n\x11process_rss_bytes\x18\x0e \x01(\x04\"\xf7\x01\n\tCpuStatus\x12\x15\n\rusage_percent\x18\x01 \x01(\x01\x12\x1e\n\x16per_core_usage_percent\x18\x02 \x03(\x01\x12\x15\n\rlogical_cores\x18\x03 \x01(\r\x12\x16\n\x0ephysical_cores\x18\x04 \x01(\r\x12\x1d\n\x15\x63urrent_frequency_mhz\x18\x05 \x01(\x01\x12\x19\n\x11max_frequency_mhz\x18\x06 \x01(\x01\x12\x17\n\x0fload_average_1m\x18\x07 \x01(\x01\x12\x17\n\x0fload_average_5m\x18\x08 \x01(\x01\x12\x18\n\x10load_average_15m\x18\t \x01(\x01\"f\n\x0cMemoryStatus\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\x17\n\x0f\x61vailable_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x14\n\x0cused_percent\x18\x04 \x01(\x01\"K\n\nSwapStatus\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x14\n\x0cused_percent\x18\x03 \x01(\x01\"\xb1\x01\n\nDiskStatus\x12\x12\n\nmountpoint\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x12\n\nfilesystem\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x12\n\nused_bytes\x18\x05 \x01(\x04\x12\x12\n\nfree_bytes\x18\x06 \x01(\x04\x12\x14\n\x0cused_percent\x18\x07 \x01(\x01\x12\x18\n\x10\x64\x61ta_directories\x18\x08 \x03(\t\"\xd4\x03\n\tGpuStatus\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12\x16\n\x0e\x64river_version\x18\x04 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x05 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x06 \x01(\x04\x12\x19\n\x11memory_free_bytes\x18\x07 \x01(\x04\x12\x1b\n\x13utilization_percent\x18\x08 \x01(\r\x12\"\n\x1amemory_utilization_percent\x18\t \x01(\r\x12\x1b\n\x13temperature_celsius\x18\n \x01(\x01\x12\x18\n\x10power_draw_watts\x18\x0b \x01(\x01\x12\x19\n\x11power_limit_watts\x18\x0c \x01(\x01\x12\x1e\n\x11\x66\x61n_speed_percent\x18\r \x01(\rH\x00\x88\x01\x01\x12\x1a\n\x12graphics_clock_mhz\x18\x0e \x01(\r\x12\x18\n\x10memory_clock_mhz\x18\x0f \x01(\r\x12\x33\n\tprocesses\x18\x10 \x03(\x0b\x32 .ragmesh.telemetry.v1.GpuProcessB\x14\n\x12_fan_speed_percent\"B\n\nGpuProcess\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x19\n\x11used_memory_bytes\x18\x03 \x01(\x04\"y\n\x11TemperatureSensor\x12\x0c\n\x04\x63hip\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x17\n\x0f\x63urrent_celsius\x18\x03 \x01(\x01\x12\x14\n\x0chigh_celsius\x18\x04 \x01(\x01\x12\x18\n\x10\x63ritical_celsius\x18\x05 \x01(\x01\"\x92\x01\n\rNetworkStatus\x12\x12\n\nbytes_sent\x18\x01 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x14\n\x0cpackets_sent\x18\x03 \x01(\x04\x12\x18\n\x10packets_received\x18\x04 \x01(\x04\x12\x11\n\terrors_in\x18\x05 \x01(\x04\x12\x12\n\nerrors_out\x18\x06 \x01(\x04\"\xc8\x01\n\x07Warning\x12\x38\n\x08severity\x18\x01 \x01(\x0e\x32&.ragmesh.telemetry.v1.Warning.Severity\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"d\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x11\n\rSEVERITY_INFO\x10\x01\x12\x14\n\x10SEVERITY_WARNING\x10\x02\x12\x15\n\x11SEVERITY_CRITICAL\x10\x03\"\x83\x02\n\rServiceHealth\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x38\n\x05state\x18\x03 \x01(\x0e\x32).ragmesh.telemetry.v1.ServiceHealth.State\x12*\n\x07latency\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"_\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_SERVING\x10\x01\x12\x15\n\x11STATE_NOT_SERVING\x10\x02\x12\x15\n\x11STATE_UNREACHABLE\x10\x03\x32\xe4\x02\n\x10TelemetryService\x12n\n\x0fGetSystemStatus\x12,.ragmesh.telemetry.v1.GetSystemStatusRequest\x1a-.ragmesh.telemetry.v1.GetSystemStatusResponse\x12v\n\x11WatchSystemStatus\x12..ragmesh.telemetry.v1.WatchSystemStatusRequest\x1a/.ragmesh.telemetry.v1.WatchSystemStatusResponse0\x01\x12h\n\rGetMeshStatus\x12*.ragmesh.telemetry.v1.GetMeshStatusRequest\x1a+.ragmesh.telemetry.v1.GetMeshStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$ragmesh/telemetry/v1/telemetry.proto\x12\x14ragmesh.telemetry.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\"ragmesh/telemetry/v1/metrics.proto\"4\n\x16GetSystemStatusRequest\x12\x1a\n\x12skip_gpu_processes\x18\x01 \x01(\x08\"M\n\x17GetSystemStatusResponse\x12\x32\n\x06status\x18\x01 \x01(\x0b\x32\".ragmesh.telemetry.v1.SystemStatus\"c\n\x18WatchSystemStatusRequest\x12+\n\x08interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12skip_gpu_processes\x18\x02 \x01(\x08\"O\n\x19WatchSystemStatusResponse\x12\x32\n\x06status\x18\x01 \x01(\x0b\x32\".ragmesh.telemetry.v1.SystemStatus\"\x16\n\x14GetMeshStatusRequest\"N\n\x15GetMeshStatusResponse\x12\x35\n\x08services\x18\x01 \x03(\x0b\x32#.ragmesh.telemetry.v1.ServiceHealth\"\xf7\x04\n\x0cSystemStatus\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12-\n\tboot_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06uptime\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x03\x63pu\x18\x05 \x01(\x0b\x32\x1f.ragmesh.telemetry.v1.CpuStatus\x12\x32\n\x06memory\x18\x06 \x01(\x0b\x32\".ragmesh.telemetry.v1.MemoryStatus\x12.\n\x04swap\x18\x07 \x01(\x0b\x32 .ragmesh.telemetry.v1.SwapStatus\x12/\n\x05\x64isks\x18\x08 \x03(\x0b\x32 .ragmesh.telemetry.v1.DiskStatus\x12-\n\x04gpus\x18\t \x03(\x0b\x32\x1f.ragmesh.telemetry.v1.GpuStatus\x12\x1e\n\x16gpu_unavailable_reason\x18\n \x01(\t\x12=\n\x0ctemperatures\x18\x0b \x03(\x0b\x32\'.ragmesh.telemetry.v1.TemperatureSensor\x12\x34\n\x07network\x18\x0c \x01(\x0b\x32#.ragmesh.telemetry.v1.NetworkStatus\x12/\n\x08warnings\x18\r \x03(\x0b\x32\x1d.ragmesh.telemetry.v1.Warning\x12\x19\n\x11process_rss_bytes\x18\x0e \x01(\x04\"\xf7\x01\n\tCpuStatus\x12\x15\n\rusage_percent\x18\x01 \x01(\x01\x12\x1e\n\x16per_core_usage_percent\x18\x02 \x03(\x01\x12\x15\n\rlogical_cores\x18\x03 \x01(\r\x12\x16\n\x0ephysical_cores\x18\x04 \x01(\r\x12\x1d\n\x15\x63urrent_frequency_mhz\x18\x05 \x01(\x01\x12\x19\n\x11max_frequency_mhz\x18\x06 \x01(\x01\x12\x17\n\x0fload_average_1m\x18\x07 \x01(\x01\x12\x17\n\x0fload_average_5m\x18\x08 \x01(\x01\x12\x18\n\x10load_average_15m\x18\t \x01(\x01\"f\n\x0cMemoryStatus\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\x17\n\x0f\x61vailable_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x14\n\x0cused_percent\x18\x04 \x01(\x01\"K\n\nSwapStatus\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x14\n\x0cused_percent\x18\x03 \x01(\x01\"\xb1\x01\n\nDiskStatus\x12\x12\n\nmountpoint\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x12\n\nfilesystem\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x12\n\nused_bytes\x18\x05 \x01(\x04\x12\x12\n\nfree_bytes\x18\x06 \x01(\x04\x12\x14\n\x0cused_percent\x18\x07 \x01(\x01\x12\x18\n\x10\x64\x61ta_directories\x18\x08 \x03(\t\"\xd4\x03\n\tGpuStatus\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12\x16\n\x0e\x64river_version\x18\x04 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x05 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x06 \x01(\x04\x12\x19\n\x11memory_free_bytes\x18\x07 \x01(\x04\x12\x1b\n\x13utilization_percent\x18\x08 \x01(\r\x12\"\n\x1amemory_utilization_percent\x18\t \x01(\r\x12\x1b\n\x13temperature_celsius\x18\n \x01(\x01\x12\x18\n\x10power_draw_watts\x18\x0b \x01(\x01\x12\x19\n\x11power_limit_watts\x18\x0c \x01(\x01\x12\x1e\n\x11\x66\x61n_speed_percent\x18\r \x01(\rH\x00\x88\x01\x01\x12\x1a\n\x12graphics_clock_mhz\x18\x0e \x01(\r\x12\x18\n\x10memory_clock_mhz\x18\x0f \x01(\r\x12\x33\n\tprocesses\x18\x10 \x03(\x0b\x32 .ragmesh.telemetry.v1.GpuProcessB\x14\n\x12_fan_speed_percent\"B\n\nGpuProcess\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x19\n\x11used_memory_bytes\x18\x03 \x01(\x04\"y\n\x11TemperatureSensor\x12\x0c\n\x04\x63hip\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x17\n\x0f\x63urrent_celsius\x18\x03 \x01(\x01\x12\x14\n\x0chigh_celsius\x18\x04 \x01(\x01\x12\x18\n\x10\x63ritical_celsius\x18\x05 \x01(\x01\"\x92\x01\n\rNetworkStatus\x12\x12\n\nbytes_sent\x18\x01 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x14\n\x0cpackets_sent\x18\x03 \x01(\x04\x12\x18\n\x10packets_received\x18\x04 \x01(\x04\x12\x11\n\terrors_in\x18\x05 \x01(\x04\x12\x12\n\nerrors_out\x18\x06 \x01(\x04\"\xc8\x01\n\x07Warning\x12\x38\n\x08severity\x18\x01 \x01(\x0e\x32&.ragmesh.telemetry.v1.Warning.Severity\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"d\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x11\n\rSEVERITY_INFO\x10\x01\x12\x14\n\x10SEVERITY_WARNING\x10\x02\x12\x15\n\x11SEVERITY_CRITICAL\x10\x03\"\xba\x02\n\rServiceHealth\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x38\n\x05state\x18\x03 \x01(\x0e\x32).ragmesh.telemetry.v1.ServiceHealth.State\x12*\n\x07latency\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x35\n\x07metrics\x18\x06 \x01(\x0b\x32$.ragmesh.telemetry.v1.ServiceMetrics\"_\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_SERVING\x10\x01\x12\x15\n\x11STATE_NOT_SERVING\x10\x02\x12\x15\n\x11STATE_UNREACHABLE\x10\x03\x32\xe4\x02\n\x10TelemetryService\x12n\n\x0fGetSystemStatus\x12,.ragmesh.telemetry.v1.GetSystemStatusRequest\x1a-.ragmesh.telemetry.v1.GetSystemStatusResponse\x12v\n\x11WatchSystemStatus\x12..ragmesh.telemetry.v1.WatchSystemStatusRequest\x1a/.ragmesh.telemetry.v1.WatchSystemStatusResponse0\x01\x12h\n\rGetMeshStatus\x12*.ragmesh.telemetry.v1.GetMeshStatusRequest\x1a+.ragmesh.telemetry.v1.GetMeshStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ragmesh.telemetry.v1.telemetry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETSYSTEMSTATUSREQUEST']._serialized_start=127
-  _globals['_GETSYSTEMSTATUSREQUEST']._serialized_end=179
-  _globals['_GETSYSTEMSTATUSRESPONSE']._serialized_start=181
-  _globals['_GETSYSTEMSTATUSRESPONSE']._serialized_end=258
-  _globals['_WATCHSYSTEMSTATUSREQUEST']._serialized_start=260
-  _globals['_WATCHSYSTEMSTATUSREQUEST']._serialized_end=359
-  _globals['_WATCHSYSTEMSTATUSRESPONSE']._serialized_start=361
-  _globals['_WATCHSYSTEMSTATUSRESPONSE']._serialized_end=440
-  _globals['_GETMESHSTATUSREQUEST']._serialized_start=442
-  _globals['_GETMESHSTATUSREQUEST']._serialized_end=464
-  _globals['_GETMESHSTATUSRESPONSE']._serialized_start=466
-  _globals['_GETMESHSTATUSRESPONSE']._serialized_end=544
-  _globals['_SYSTEMSTATUS']._serialized_start=547
-  _globals['_SYSTEMSTATUS']._serialized_end=1178
-  _globals['_CPUSTATUS']._serialized_start=1181
-  _globals['_CPUSTATUS']._serialized_end=1428
-  _globals['_MEMORYSTATUS']._serialized_start=1430
-  _globals['_MEMORYSTATUS']._serialized_end=1532
-  _globals['_SWAPSTATUS']._serialized_start=1534
-  _globals['_SWAPSTATUS']._serialized_end=1609
-  _globals['_DISKSTATUS']._serialized_start=1612
-  _globals['_DISKSTATUS']._serialized_end=1789
-  _globals['_GPUSTATUS']._serialized_start=1792
-  _globals['_GPUSTATUS']._serialized_end=2260
-  _globals['_GPUPROCESS']._serialized_start=2262
-  _globals['_GPUPROCESS']._serialized_end=2328
-  _globals['_TEMPERATURESENSOR']._serialized_start=2330
-  _globals['_TEMPERATURESENSOR']._serialized_end=2451
-  _globals['_NETWORKSTATUS']._serialized_start=2454
-  _globals['_NETWORKSTATUS']._serialized_end=2600
-  _globals['_WARNING']._serialized_start=2603
-  _globals['_WARNING']._serialized_end=2803
-  _globals['_WARNING_SEVERITY']._serialized_start=2703
-  _globals['_WARNING_SEVERITY']._serialized_end=2803
-  _globals['_SERVICEHEALTH']._serialized_start=2806
-  _globals['_SERVICEHEALTH']._serialized_end=3065
-  _globals['_SERVICEHEALTH_STATE']._serialized_start=2970
-  _globals['_SERVICEHEALTH_STATE']._serialized_end=3065
-  _globals['_TELEMETRYSERVICE']._serialized_start=3068
-  _globals['_TELEMETRYSERVICE']._serialized_end=3424
+  _globals['_GETSYSTEMSTATUSREQUEST']._serialized_start=163
+  _globals['_GETSYSTEMSTATUSREQUEST']._serialized_end=215
+  _globals['_GETSYSTEMSTATUSRESPONSE']._serialized_start=217
+  _globals['_GETSYSTEMSTATUSRESPONSE']._serialized_end=294
+  _globals['_WATCHSYSTEMSTATUSREQUEST']._serialized_start=296
+  _globals['_WATCHSYSTEMSTATUSREQUEST']._serialized_end=395
+  _globals['_WATCHSYSTEMSTATUSRESPONSE']._serialized_start=397
+  _globals['_WATCHSYSTEMSTATUSRESPONSE']._serialized_end=476
+  _globals['_GETMESHSTATUSREQUEST']._serialized_start=478
+  _globals['_GETMESHSTATUSREQUEST']._serialized_end=500
+  _globals['_GETMESHSTATUSRESPONSE']._serialized_start=502
+  _globals['_GETMESHSTATUSRESPONSE']._serialized_end=580
+  _globals['_SYSTEMSTATUS']._serialized_start=583
+  _globals['_SYSTEMSTATUS']._serialized_end=1214
+  _globals['_CPUSTATUS']._serialized_start=1217
+  _globals['_CPUSTATUS']._serialized_end=1464
+  _globals['_MEMORYSTATUS']._serialized_start=1466
+  _globals['_MEMORYSTATUS']._serialized_end=1568
+  _globals['_SWAPSTATUS']._serialized_start=1570
+  _globals['_SWAPSTATUS']._serialized_end=1645
+  _globals['_DISKSTATUS']._serialized_start=1648
+  _globals['_DISKSTATUS']._serialized_end=1825
+  _globals['_GPUSTATUS']._serialized_start=1828
+  _globals['_GPUSTATUS']._serialized_end=2296
+  _globals['_GPUPROCESS']._serialized_start=2298
+  _globals['_GPUPROCESS']._serialized_end=2364
+  _globals['_TEMPERATURESENSOR']._serialized_start=2366
+  _globals['_TEMPERATURESENSOR']._serialized_end=2487
+  _globals['_NETWORKSTATUS']._serialized_start=2490
+  _globals['_NETWORKSTATUS']._serialized_end=2636
+  _globals['_WARNING']._serialized_start=2639
+  _globals['_WARNING']._serialized_end=2839
+  _globals['_WARNING_SEVERITY']._serialized_start=2739
+  _globals['_WARNING_SEVERITY']._serialized_end=2839
+  _globals['_SERVICEHEALTH']._serialized_start=2842
+  _globals['_SERVICEHEALTH']._serialized_end=3156
+  _globals['_SERVICEHEALTH_STATE']._serialized_start=3061
+  _globals['_SERVICEHEALTH_STATE']._serialized_end=3156
+  _globals['_TELEMETRYSERVICE']._serialized_start=3159
+  _globals['_TELEMETRYSERVICE']._serialized_end=3515
 # @@protoc_insertion_point(module_scope)

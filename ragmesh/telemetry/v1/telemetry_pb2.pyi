@@ -2,6 +2,7 @@ import datetime
 
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from ragmesh.telemetry.v1 import metrics_pb2 as _metrics_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -240,7 +241,7 @@ class Warning(_message.Message):
     def __init__(self, severity: _Optional[_Union[Warning.Severity, str]] = ..., code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ServiceHealth(_message.Message):
-    __slots__ = ("name", "target", "state", "latency", "error")
+    __slots__ = ("name", "target", "state", "latency", "error", "metrics")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[ServiceHealth.State]
@@ -256,9 +257,11 @@ class ServiceHealth(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     LATENCY_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     name: str
     target: str
     state: ServiceHealth.State
     latency: _duration_pb2.Duration
     error: str
-    def __init__(self, name: _Optional[str] = ..., target: _Optional[str] = ..., state: _Optional[_Union[ServiceHealth.State, str]] = ..., latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    metrics: _metrics_pb2.ServiceMetrics
+    def __init__(self, name: _Optional[str] = ..., target: _Optional[str] = ..., state: _Optional[_Union[ServiceHealth.State, str]] = ..., latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., error: _Optional[str] = ..., metrics: _Optional[_Union[_metrics_pb2.ServiceMetrics, _Mapping]] = ...) -> None: ...

@@ -80,7 +80,8 @@ class TelemetryServiceServicer:
 
     def GetMeshStatus(self, request, context):
         """GetMeshStatus checks every configured service with grpc.health.v1 and
-        reports its serving status and round-trip latency. A service that does not
+        reports its serving status and round-trip latency, and reads its figures from
+        its MetricsService (see metrics.proto). A service that does not
         answer within the probe timeout (default 2 s) is reported UNREACHABLE; the
         RPC itself still succeeds.
         """
