@@ -15,6 +15,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import DateTime, event, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -22,6 +23,40 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.types import TypeDecorator
+
+from services.common.errors import Unavailable
+
+# Where a failure to reach the database surfaces: the asyncpg driver raises the socket's
+# own error (connection refused) through SQLAlchemy when it cannot connect.
+_DATABASE_MODULES = ("sqlalchemy", "asyncpg", "aiosqlite")
+
+
+def unreachable(exc: BaseException) -> Unavailable | None:
+    """The UNAVAILABLE error for exc when it says the database cannot be used now (server
+    down or restarting, connection lost, SQLite file unopenable or locked past the busy
+    timeout); None for any other error, including a broken query or a corrupt file."""
+    if isinstance(exc, sa_exc.DBAPIError):
+        if not (
+            exc.connection_invalidated
+            or isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError))
+        ):
+            return None
+        cause = str(exc.orig) if exc.orig is not None else str(exc)
+    elif isinstance(exc, OSError):  # ConnectionRefusedError, TimeoutError, ...
+        frames = []
+        tb = exc.__traceback__
+        while tb is not None:
+            frames.append(tb.tb_frame.f_globals.get("__name__", ""))
+            tb = tb.tb_next
+        if not any(name.startswith(_DATABASE_MODULES) for name in frames):
+            return None
+        cause = str(exc) or type(exc).__name__
+    else:
+        return None
+    return Unavailable(
+        f"the database is unavailable ({cause.splitlines()[0][:200]}); retry later",
+        reason="DATABASE_UNAVAILABLE",
+    )
 
 
 def utcnow() -> dt.datetime:

@@ -2,12 +2,14 @@
 and each call's status and latency in the server's metrics.
 
 It wraps unary and streaming handlers alike. Domain errors (`ServiceError`) become their
-status code with `google.rpc.Status` details; anything else becomes INTERNAL with the
-request id and no internals, and is logged with its traceback.
+status code with `google.rpc.Status` details, and so does a database that cannot be
+reached (UNAVAILABLE); anything else becomes INTERNAL with the request id and no
+internals, and is logged with its traceback.
 """
 
 import inspect
 import logging
+import sys
 import time
 import uuid
 
@@ -151,7 +153,16 @@ def _status_code(exc: Exception, context) -> grpc.StatusCode:
         return grpc.StatusCode.UNIMPLEMENTED
     if isinstance(exc, ServiceError):
         return exc.code
+    if _unreachable_database(exc) is not None:
+        return grpc.StatusCode.UNAVAILABLE
     return grpc.StatusCode.INTERNAL
+
+
+def _unreachable_database(exc: Exception) -> ServiceError | None:
+    """UNAVAILABLE for a database that cannot be reached (services.common.database);
+    a service that never loaded that module has no database to fail."""
+    database = sys.modules.get("services.common.database")
+    return None if database is None else database.unreachable(exc)
 
 
 async def _abort(context, exc: Exception, method: str, started: float) -> None:
@@ -163,6 +174,8 @@ async def _abort(context, exc: Exception, method: str, started: float) -> None:
     if isinstance(exc, NotImplementedError):
         # What the generated base servicer raises for an RPC a service does not offer yet.
         exc = Unimplemented(f"{method} is not implemented by this server")
+    # A database that cannot be reached is the caller's to retry, not an internal error.
+    exc = _unreachable_database(exc) or exc
     if isinstance(exc, ServiceError):
         error = exc
         _LOGGER.info(
