@@ -986,16 +986,29 @@ def test_envoy_routes_each_service_to_its_healthy_http2_cluster(envoy, name):
     assert "http2_protocol_options" in options["explicit_http_config"]
     (check,) = cluster["health_checks"]
     assert check["grpc_health_check"] == {"service_name": full_name}
-    # Health and reflection of this service, picked by header.
-    for path in ("/grpc.reflection.v1.ServerReflection/X", "/grpc.health.v1.Health/Check"):
+    # Health, reflection and metrics of this service, picked by header.
+    for path in (
+        "/grpc.reflection.v1.ServerReflection/X",
+        "/grpc.health.v1.Health/Check",
+        "/ragmesh.telemetry.v1.MetricsService/GetServiceMetrics",
+    ):
         assert route_for(envoy, path, {"ragmesh-service": name})["cluster"] == name
 
 
-def test_envoy_sends_reflection_and_health_to_telemetry_by_default(envoy):
+def test_envoy_routes_every_service_of_every_proto(envoy):
+    for path in sorted((ROOT / "protos" / "ragmesh").rglob("*.proto")):
+        text = path.read_text()
+        package = re.search(r"^package\s+([\w.]+);", text, re.M).group(1)
+        for service in re.findall(r"^service\s+(\w+)\s*{", text, re.M):
+            assert route_for(envoy, f"/{package}.{service}/AnyMethod")["cluster"] in PORTS
+
+
+def test_envoy_sends_reflection_health_and_metrics_to_telemetry_by_default(envoy):
     for path in (
         "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
         "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
         "/grpc.health.v1.Health/Check",
+        "/ragmesh.telemetry.v1.MetricsService/GetServiceMetrics",
     ):
         assert route_for(envoy, path)["cluster"] == "telemetry"
 
