@@ -6,6 +6,10 @@ so what must be stored is stored even when the caller goes away: a client that c
 (or whose deadline passes) abandons the exchange, which cancels the llm call — its
 stream and, by request id, its decode slot — and stores the partial answer as
 CANCELLED.
+
+The exchange describes itself on the SendMessage server span (the current span when
+tracing is on, see services/common/tracing.py): the session, the retrieval sizes, the
+model and the token counts, with the OpenTelemetry gen_ai names where there is one.
 """
 
 import asyncio
@@ -17,6 +21,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
+from opentelemetry import trace
 
 from ragmesh.llm.v1 import llm_pb2
 from services.common.clients import Upstream
@@ -192,6 +197,8 @@ class _Exchange:
     async def _run(self) -> None:
         chat, turn, settings = self.chat, self.turn, self.chat._settings
         started = time.monotonic()
+        span = trace.get_current_span()
+        span.set_attribute("ragmesh.session.id", turn.session_id)
         user, answer, session = await self._store_question()
         self.events.put_nowait(UserStored(user))
         if answer is not None:
@@ -208,6 +215,15 @@ class _Exchange:
             _capture(chat._llm.context_length(llm)),
         )
         self.events.put_nowait(RetrievalDone(retrieved))
+        span.set_attributes(
+            {
+                "ragmesh.retrieval.chunks_requested": turn.document_top_k,
+                "ragmesh.retrieval.chunks_returned": len(retrieved.documents),
+                "ragmesh.retrieval.memories_requested": turn.memory_top_k,
+                "ragmesh.retrieval.memories_recalled": len(retrieved.memories),
+                "ragmesh.retrieval.skipped": [skip.source for skip in retrieved.skipped],
+            }
+        )
         if isinstance(context_length, BaseException):
             raise context_length
         overrides = merged(session.generation, turn.overrides)
@@ -378,6 +394,17 @@ class _Exchange:
             total_seconds=now - started,
             error=failure.message if failure is not None else "",
             created_at=utcnow(),
+        )
+        span = trace.get_current_span()
+        if session.model:
+            span.set_attribute("gen_ai.request.model", session.model)
+        span.set_attributes(
+            {
+                "gen_ai.response.model": answer.model,
+                "gen_ai.usage.input_tokens": answer.prompt_tokens,
+                "gen_ai.usage.output_tokens": answer.completion_tokens,
+                "gen_ai.response.finish_reasons": [finish],
+            }
         )
         await self._store_answer(session, user, answer)
         self.events.put_nowait(AssistantStored(answer))
