@@ -623,7 +623,10 @@ def test_telemetry_runs_on_every_node_and_reads_the_host_read_only(overlay):
     assert gpu_limit(telemetry) is None  # sees the GPUs without taking one from llm
     # Each pod probes itself; the other services by their Services.
     mesh = json.loads(overlay.config["RAGMESH_TELEMETRY_MESH_TARGETS"])
+    assert set(mesh) == set(PORTS)
     assert mesh["telemetry"] == f"localhost:{PORTS['telemetry']}"
+    for name, target in mesh.items():
+        assert target.endswith(f":{PORTS[name]}"), name
 
 
 # -- Scaling and disruptions ---------------------------------------------------------------
