@@ -11,6 +11,10 @@ Tokenizer = Callable[[list[str]], Awaitable[list[list[tuple[int, int]]]]]
 # How good a place is to end a chunk, weakest first.
 _TOKEN, _SENTENCE, _PARAGRAPH, _HEADING = range(4)
 _SENTENCE_END = frozenset(".!?;:")
+# A token longer than this is an unknown word to the tokenizer (a hex or base64 blob, a
+# minified identifier) and counts as one token per this many characters, so chunks of
+# it are about the size of chunks of prose instead of one unknown word of 100,000.
+_LONGEST_TOKEN = 16
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,8 @@ class TokenizerLimits:
 async def token_spans(
     text: str, blocks: list[tuple[int, int]], tokenize: Tokenizer, limits: TokenizerLimits
 ) -> list[tuple[int, int]]:
-    """Every token of `text` as absolute character spans, asking the tokenizer in batches."""
+    """Every token of `text` as absolute character spans, asking the tokenizer in batches;
+    a token longer than _LONGEST_TOKEN characters comes back cut into pieces of that size."""
     pieces = [
         piece for start, end in blocks for piece in _pieces(text, start, end, limits.max_chars)
     ]
@@ -50,7 +55,11 @@ async def token_spans(
             if batch:
                 results = await tokenize([text[start:end] for start, end in batch])
                 for (start, _), offsets in zip(batch, results, strict=True):
-                    spans.extend((start + a, start + b) for a, b in offsets if b > a)
+                    for a, b in offsets:
+                        spans.extend(
+                            (start + cut, start + min(cut + _LONGEST_TOKEN, b))
+                            for cut in range(a, b, _LONGEST_TOKEN)
+                        )
             batch, batch_chars = [], 0
         if piece is not None:
             batch.append(piece)
@@ -72,15 +81,23 @@ def _pieces(text: str, start: int, end: int, max_chars: int) -> list[tuple[int, 
 
 
 def plan_chunks(
-    document: ParsedDocument, tokens: list[tuple[int, int]], *, size: int, overlap: int
+    document: ParsedDocument,
+    tokens: list[tuple[int, int]],
+    *,
+    size: int,
+    overlap: int,
+    max_chars: int,
 ) -> list[ChunkSpec]:
-    """Greedy chunks of at most `size` tokens, ending at the strongest break in their second
-    half, the next one starting `overlap` tokens back (at a sentence start if one is there).
-    A chunk never overlaps into a new section: after a heading break there is no overlap."""
+    """Greedy chunks of at most `size` tokens and `max_chars` characters (what the embed
+    service takes), ending at the strongest break in their second half, the next one
+    starting `overlap` tokens back (at a sentence start if one is there). A chunk never
+    overlaps into a new section: after a heading break there is no overlap. Every token
+    must be at most `max_chars` long, as token_spans makes them."""
     if not tokens:
         return []
     text = document.text
     starts = [start for start, _ in tokens]
+    ends = [end for _, end in tokens]
     strength: dict[int, int] = {}
     for span in document.spans:
         first = bisect.bisect_left(starts, span.start)
@@ -98,13 +115,17 @@ def plan_chunks(
     span_starts = [span.start for span in document.spans]
     chunks: list[ChunkSpec] = []
     count = len(tokens)
-    first = 0
+    first = previous_cut = 0
     while first < count:
-        limit = min(first + size, count)
+        # The most tokens from `first` that fit both limits; always at least one.
+        fitting = bisect.bisect_right(ends, starts[first] + max_chars)
+        limit = max(min(first + size, count, fitting), first + 1)
         cut = limit
         if limit < count:
             best = -1
-            for position in range(limit, first + max(1, size // 2), -1):
+            # In the second half, and past the previous chunk's end: every chunk moves on.
+            floor = max(first + max(1, (limit - first) // 2), previous_cut)
+            for position in range(limit, floor, -1):
                 found = strength_at(position)
                 if found > best:
                     best, cut = found, position
@@ -124,10 +145,13 @@ def plan_chunks(
         )
         if cut >= count:
             break
+        previous_cut = cut
         if overlap == 0 or strength_at(cut) == _HEADING:
             first = cut
             continue
-        following = max(cut - overlap, first + 1)
+        # The overlap leaves room for the next token, so the next chunk moves on.
+        room = bisect.bisect_left(starts, ends[cut] - max_chars)
+        following = max(cut - overlap, first + 1, room)
         for position in range(following, cut):
             if strength_at(position) >= _SENTENCE:
                 following = position

@@ -320,7 +320,7 @@ class WorkerPool:
             self._embed.tokenize,
             TokenizerLimits(model.max_texts, model.max_chars),
         )
-        plan = plan_chunks(parsed, tokens, size=size, overlap=overlap)
+        plan = plan_chunks(parsed, tokens, size=size, overlap=overlap, max_chars=model.max_chars)
         if not plan:
             raise ParseError("no text found in the file")
 

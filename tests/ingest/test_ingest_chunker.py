@@ -31,7 +31,8 @@ async def _plan(blocks, tokenize, size=40, overlap=8, max_chars=500):
         tokenize,
         TokenizerLimits(max_texts=4, max_chars=max_chars),
     )
-    return document, tokens, plan_chunks(document, tokens, size=size, overlap=overlap)
+    chunks = plan_chunks(document, tokens, size=size, overlap=overlap, max_chars=max_chars)
+    return document, tokens, chunks
 
 
 async def test_chunks_respect_size_cover_the_text_and_overlap(tokenize):
@@ -70,3 +71,18 @@ def test_sniffing_reads_bytes_not_names(tmp_path):
     assert sniff(b"plain words", path, "a.bin", "") == "text/plain"
     assert sniff(b"\x7fELF\x02\x01\x01\x00\x00", path, "a.txt", "") is None
     assert decode_text("naïve".encode("utf-16")) == "naïve"
+
+
+async def test_chunks_fit_the_character_limit_whatever_the_text(tokenize):
+    # An unknown 700-character word, and two words 900 spaces apart, against 500 characters.
+    blocks = [Block("word " * 30 + "x" * 700 + " tail words"), Block("a" + " " * 900 + "b")]
+    document, _, chunks = await _plan(blocks, tokenize, size=40, overlap=8, max_chars=500)
+    text = document.text
+    covered = bytearray(len(text))
+    for chunk in chunks:
+        assert chunk.end - chunk.start <= 500
+        assert chunk.token_count <= 40
+        covered[chunk.start : chunk.end] = b"\x01" * (chunk.end - chunk.start)
+    assert all(covered[n] or text[n].isspace() for n in range(len(text)))
+    # Each chunk moves on: none ends where the one before it ended.
+    assert all(before.end < after.end for before, after in itertools.pairwise(chunks))
