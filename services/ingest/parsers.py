@@ -2,8 +2,10 @@
 
 import codecs
 import logging
+import posixpath
 import re
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,7 +135,9 @@ def decode_text(data: bytes) -> str:
 
 
 def parse(path: Path, mime_type: str, *, max_docx_bytes: int, max_chars: int) -> ParsedDocument:
-    """Parses a stored upload; blocking, so callers run it in a thread. Raises ParseError."""
+    """Parses a stored upload; blocking, so the service runs it in a child process
+    (parse_process). Raises ParseError; running out of memory comes out as MemoryError or
+    as the cause of a ParseError."""
     try:
         if mime_type == PDF:
             blocks, pages = _parse_pdf(path)
@@ -259,60 +263,229 @@ def check_docx(path: Path, max_bytes: int) -> None:
 
 
 def _parse_docx(path: Path, max_bytes: int) -> list[Block]:
-    import docx
-    from docx.table import Table
-
+    """The text of the document part and its headers and footers, read from the XML."""
     check_docx(path, max_bytes)
+    with zipfile.ZipFile(path) as archive:
+        names = set(archive.namelist())
+        root = _docx_xml(archive, _DOCX_MAIN)
+        if _kind(root) != ("w", "document"):
+            raise ParseError(f"not a valid DOCX file: {_DOCX_MAIN} is not a Word document")
+        body = next((child for child in root if _kind(child) == ("w", "body")), None)
+        if body is None:
+            raise ParseError(f"not a valid DOCX file: {_DOCX_MAIN} has no body")
+        targets = _docx_targets(archive, names)
+        styles = [part for kind, part in targets.values() if kind == "styles" and part in names]
+        reader = _DocxReader(
+            lambda: _docx_heading_styles(_docx_xml(archive, styles[0])) if styles else {}
+        )
+        # Each header and footer once, however many sections refer to it; a section that
+        # refers to none shows the previous section's.
+        parts: dict[str, list[str]] = {"headerReference": [], "footerReference": []}
+        for section in root.iter(*(f"{{{namespace}}}sectPr" for namespace in _WORD)):
+            for reference in section:
+                kind, local = _kind(reference)
+                target = targets.get(_attribute(reference, "id"))
+                if kind == "w" and local in parts and target and target[1] in names:
+                    if target[1] not in parts[local]:
+                        parts[local].append(target[1])
+
+        def read(part_names: list[str]) -> list[Block]:
+            return [
+                block for name in part_names for block in reader.blocks(_docx_xml(archive, name))
+            ]
+
+        return [
+            *read(parts["headerReference"]),
+            *reader.blocks(body),
+            *read(parts["footerReference"]),
+        ]
+
+
+# Word's namespaces, transitional and Strict OOXML (ISO 29500) alike.
+_WORD = (
+    "http://schemas.openxmlformats.org/wordprocessingml/2006/main",
+    "http://purl.oclc.org/ooxml/wordprocessingml/main",
+)
+_NAMESPACE_KINDS = {
+    **dict.fromkeys(_WORD, "w"),
+    "http://schemas.openxmlformats.org/officeDocument/2006/math": "m",
+    "http://purl.oclc.org/ooxml/officeDocument/math": "m",
+    "http://schemas.openxmlformats.org/markup-compatibility/2006": "mc",
+}
+_DOCX_MAIN = "word/document.xml"
+_DOCX_RELATIONSHIPS = "word/_rels/document.xml.rels"
+# Not shown on the page: properties, deleted and moved-away text, field codes.
+_DOCX_HIDDEN = frozenset(
+    ("pPr", "rPr", "tblPr", "trPr", "tcPr", "sdtPr", "sdtEndPr", "sectPr", "del", "delText",
+     "moveFrom", "instrText", "delInstrText", "fldData")
+)  # fmt: skip
+# The parts of an equation (numerator, exponent, ...) that read as separate words.
+_MATH_ARGUMENTS = frozenset(("num", "den", "sub", "sup", "deg", "e", "lim", "fName"))
+
+
+def _kind(element) -> tuple[str, str]:
+    """("w", "p") for a Word paragraph in either namespace; ("", name) for others."""
+    tag = element.tag
+    if not isinstance(tag, str):
+        return "", ""  # a comment or processing instruction
+    namespace, _, local = tag[1:].rpartition("}") if tag.startswith("{") else ("", "", tag)
+    return _NAMESPACE_KINDS.get(namespace, ""), local
+
+
+def _attribute(element, local: str) -> str | None:
+    """An attribute by its local name, whichever namespace (w:val, r:id) it is in."""
+    for key, value in element.attrib.items():
+        if key.rpartition("}")[2] == local:
+            return value
+    return None
+
+
+def _docx_xml(archive: zipfile.ZipFile, name: str):
+    from lxml import etree
+
+    # check_docx refused DTDs already; entities and the network stay off regardless.
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
     try:
-        document = docx.Document(str(path))
-    except (KeyError, ValueError, zipfile.BadZipFile) as exc:
-        raise ParseError(f"not a valid DOCX file: {exc}") from exc
-    blocks: list[Block] = []
-    seen_parts: set[int] = set()
-    for section in document.sections:
-        for part in (section.header, section.first_page_header):
-            blocks.extend(_docx_part_blocks(part, seen_parts))
-    for item in document.iter_inner_content():
-        if isinstance(item, Table):
-            blocks.append(Block(_docx_table_text(item)))
+        return etree.fromstring(archive.read(name), parser)
+    except etree.XMLSyntaxError as exc:
+        if exc.code == etree.ErrorTypes.ERR_NO_MEMORY:
+            raise MemoryError(f"out of memory reading {name}") from exc
+        raise ParseError(f"not a valid DOCX file: {name} is not well-formed XML: {exc}") from exc
+
+
+def _docx_targets(archive: zipfile.ZipFile, names: set[str]) -> dict[str, tuple[str, str]]:
+    """The document part's relationships: id -> (type, such as "header", and part name)."""
+    if _DOCX_RELATIONSHIPS not in names:
+        return {}
+    targets = {}
+    for relationship in _docx_xml(archive, _DOCX_RELATIONSHIPS):
+        target = relationship.get("Target") or ""
+        if relationship.get("TargetMode") == "External" or not target:
             continue
-        blocks.append(Block(item.text, level=_docx_heading_level(item)))
-    for section in document.sections:
-        for part in (section.footer, section.first_page_footer):
-            blocks.extend(_docx_part_blocks(part, seen_parts))
-    return blocks
+        part = target[1:] if target.startswith("/") else posixpath.join("word", target)
+        kind = (relationship.get("Type") or "").rpartition("/")[2]
+        targets[relationship.get("Id") or ""] = (kind, posixpath.normpath(part))
+    return targets
 
 
-def _docx_part_blocks(part, seen: set[int]) -> list[Block]:
-    """A header's or footer's text once, however many sections link to it."""
-    if part.is_linked_to_previous:
-        return []
-    key = id(part.part)
-    if key in seen:
-        return []
-    seen.add(key)
-    return [Block(paragraph.text) for paragraph in part.paragraphs]
+def _docx_heading_styles(styles) -> dict[str, int]:
+    """Heading level by paragraph style id: "Heading 1" to "Heading 6", and "Title" as 1."""
+    levels = {}
+    for name in styles.iter(*(f"{{{namespace}}}name" for namespace in _WORD)):
+        style = name.getparent()
+        title = (_attribute(name, "val") or "").lower()
+        match = re.fullmatch(r"heading (\d)", title)
+        level = 1 if title == "title" else min(int(match.group(1)), 6) if match else 0
+        if level and _kind(style) == ("w", "style"):
+            levels[_attribute(style, "styleId") or ""] = level
+    return levels
 
 
-def _docx_heading_level(paragraph) -> int:
-    name = (paragraph.style.name if paragraph.style is not None else "") or ""
-    if name == "Title":
-        return 1
-    match = re.fullmatch(r"Heading (\d)", name)
-    return min(int(match.group(1)), 6) if match else 0
+def _chosen(alternate):
+    """One branch of mc:AlternateContent (the first Choice), so text boxes, which Word
+    writes both as a shape and as a VML fallback, are read once."""
+    return next(
+        (child for child in alternate if _kind(child) in (("mc", "Choice"), ("mc", "Fallback"))),
+        None,
+    )
 
 
-def _docx_table_text(table) -> str:
-    rows = []
-    for row in table.rows:
-        cells: list[str] = []
-        for cell in row.cells:
-            text = " ".join(cell.text.split())
-            # Merged cells repeat in python-docx; keep each once.
-            if not cells or cells[-1] != text:
-                cells.append(text)
-        rows.append(" | ".join(cells))
-    return "\n".join(rows)
+class _DocxReader:
+    """Blocks from Word's XML in reading order: paragraphs, tables (nested ones inside their
+    cell), text boxes after the paragraph that anchors them, content controls, fields,
+    hyperlinks and equations."""
+
+    def __init__(self, heading_levels: Callable[[], dict[str, int]]) -> None:
+        # Read from the styles part at the first paragraph that names a style.
+        self._read_levels = heading_levels
+        self._levels: dict[str, int] | None = None
+
+    def blocks(self, container) -> list[Block]:
+        blocks: list[Block] = []
+        for child in container:
+            kind, local = _kind(child)
+            if kind == "w" and local == "p":
+                blocks.extend(self._paragraph(child))
+            elif kind == "w" and local == "tbl":
+                blocks.append(Block(self._table(child)))
+            elif kind == "mc" and local == "AlternateContent":
+                chosen = _chosen(child)
+                if chosen is not None:
+                    blocks.extend(self.blocks(chosen))
+            elif local not in _DOCX_HIDDEN:
+                # Content controls, custom XML and tracked insertions wrap paragraphs.
+                blocks.extend(self.blocks(child))
+        return blocks
+
+    def _paragraph(self, paragraph) -> list[Block]:
+        parts: list[str] = []
+        boxes: list[Block] = []
+        self._inline(paragraph, parts, boxes)
+        return [Block("".join(parts), level=self._level(paragraph)), *boxes]
+
+    def _level(self, paragraph) -> int:
+        for properties in paragraph:
+            if _kind(properties) == ("w", "pPr"):
+                for style in properties:
+                    if _kind(style) == ("w", "pStyle"):
+                        if self._levels is None:
+                            self._levels = self._read_levels()
+                        return self._levels.get(_attribute(style, "val") or "", 0)
+        return 0
+
+    def _inline(self, element, parts: list[str], boxes: list[Block]) -> None:
+        for child in element:
+            kind, local = _kind(child)
+            if local in _DOCX_HIDDEN and kind == "w":
+                continue
+            if kind in ("w", "m") and local == "t":
+                parts.append(child.text or "")
+            elif kind == "w" and local == "tab":
+                parts.append("\t")
+            elif kind == "w" and local in ("br", "cr"):
+                parts.append("\n")
+            elif kind == "w" and local == "noBreakHyphen":
+                parts.append("-")
+            elif kind == "w" and local == "txbxContent":
+                boxes.extend(self.blocks(child))
+            elif kind == "mc" and local == "AlternateContent":
+                chosen = _chosen(child)
+                if chosen is not None:
+                    self._inline(chosen, parts, boxes)
+            elif kind == "m" and local == "oMath":
+                math: list[str] = []
+                self._inline(child, math, boxes)
+                parts.append(" ".join("".join(math).split()))
+            elif kind == "m" and local in _MATH_ARGUMENTS:
+                parts.append(" ")
+                self._inline(child, parts, boxes)
+                parts.append(" ")
+            else:
+                # Runs, hyperlinks, fields, smart tags, drawings and shapes hold the text.
+                self._inline(child, parts, boxes)
+
+    def _table(self, table) -> str:
+        rows = []
+        for row in self._items(table, "tr"):
+            cells = [
+                " ".join(" ".join(block.text for block in self.blocks(cell)).split())
+                for cell in self._items(row, "tc")
+            ]
+            rows.append(" | ".join(cells))
+        return "\n".join(rows)
+
+    def _items(self, element, wanted: str):
+        """Rows of a table or cells of a row, also those inside content controls."""
+        for child in element:
+            kind, local = _kind(child)
+            if kind == "w" and local == wanted:
+                yield child
+            elif kind == "w" and local in ("sdt", "sdtContent", "customXml"):
+                yield from self._items(child, wanted)
+            elif kind == "mc" and local == "AlternateContent":
+                chosen = _chosen(child)
+                if chosen is not None:
+                    yield from self._items(chosen, wanted)
 
 
 # HTML
