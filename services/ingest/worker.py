@@ -18,7 +18,8 @@ from services.ingest.chunker import TokenizerLimits, plan_chunks, token_spans
 from services.ingest.documents import Documents, JobSignals
 from services.ingest.embed_client import EmbedClient
 from services.ingest.index import ChunkVectors, Point, collection_name
-from services.ingest.parsers import ParseError, parse
+from services.ingest.parse_process import ParserProcesses
+from services.ingest.parsers import ParseError
 from services.ingest.search import Retrieval
 from services.ingest.settings import IngestSettings
 from services.ingest.storage import ChunkRow, JobRow
@@ -62,6 +63,12 @@ class WorkerPool:
         self._embed = embed
         self._signals = signals
         self._retrieval = retrieval
+        self._parsers = ParserProcesses(
+            timeout=settings.parse_timeout_seconds,
+            memory_bytes=settings.parse_memory_bytes,
+            max_docx_bytes=settings.max_docx_uncompressed_bytes,
+            max_chars=settings.max_text_chars,
+        )
         process = f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         # One lease owner per worker, so a job one of them lost is not another's to finish.
         self._owners = [f"{process}-{n}" for n in range(settings.workers)]
@@ -77,6 +84,7 @@ class WorkerPool:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._parsers.close()
         try:
             async with writing(self._sessions) as session:
                 await storage.release_jobs(session, self._owners)
@@ -294,13 +302,7 @@ class WorkerPool:
             raise ParseError("the stored file is missing; upload the document again")
 
         await self._move(job, storage.PARSING)
-        parsed = await asyncio.to_thread(
-            parse,
-            path,
-            row.mime_type,
-            max_docx_bytes=settings.max_docx_uncompressed_bytes,
-            max_chars=settings.max_text_chars,
-        )
+        parsed = await self._parsers.parse(path, row.mime_type)
         async with writing(self._sessions) as session:
             await self._hold(session, job)
             await storage.put_text(session, document_id, parsed.text)

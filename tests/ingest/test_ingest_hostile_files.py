@@ -1,0 +1,122 @@
+"""Files built to hang a parser or balloon its memory: parsing runs in a child process that
+is stopped at PARSE_TIMEOUT_SECONDS or PARSE_MEMORY_BYTES, the document FAILS with the limit
+named, and a good document uploaded alongside is READY (the one worker goes on). Parsing
+does not depend on the database, so these run on SQLite only."""
+
+import io
+import zipfile
+import zlib
+
+import grpc
+import pytest
+
+from ragmesh.ingest.v1 import ingest_pb2
+from services.ingest.app import start
+
+pytestmark = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+
+READY = ingest_pb2.DocumentStatus.Value("DOCUMENT_STATUS_READY")
+FAILED = ingest_pb2.DocumentStatus.Value("DOCUMENT_STATUS_FAILED")
+GOOD = b"A plain report uploaded next to the hostile file."
+
+
+def _endless_pdf(pages: int = 1000, operators: int = 200_000) -> bytes:
+    """A 150 KB PDF whose pages share one content stream that inflates to 200,000 text
+    operators: pypdf works seconds per page, hours on the whole file."""
+    content = b"BT /F1 12 Tf " + b"(x) Tj " * operators + b"ET"
+    stream = zlib.compress(content, 9)
+    kids = b" ".join(b"%d 0 R" % (5 + n) for n in range(pages))
+    page = (
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] "
+        b"/Resources << /Font << /F1 3 0 R >> >> /Contents 4 0 R >>"
+    )
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [%s] /Count %d >>" % (kids, pages),
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+        b"<< /Length %d /Filter /FlateDecode >>\nstream\n%s\nendstream" % (len(stream), stream),
+        *[page] * pages,
+    ]
+    out = io.BytesIO()
+    out.write(b"%PDF-1.7\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(out.tell())
+        out.write(b"%d 0 obj\n%s\nendobj\n" % (number, body))
+    xref = out.tell()
+    out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
+    out.writelines(b"%010d 00000 n \n" % offset for offset in offsets)
+    out.write(b"trailer\n<< /Size %d /Root 1 0 R >>\n" % (len(objects) + 1))
+    out.write(b"startxref\n%d\n%%%%EOF\n" % xref)
+    return out.getvalue()
+
+
+def _ballooning_docx(base: bytes, paragraphs: int = 4_500_000) -> bytes:
+    """A 450 KB DOCX under the 200 MiB expansion cap whose document part is 157 MB of
+    one-word paragraphs: an XML tree of 13 million elements, gigabytes in memory."""
+    source = zipfile.ZipFile(io.BytesIO(base))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            if info.filename != "word/document.xml":
+                target.writestr(info, source.read(info))
+        with target.open("word/document.xml", "w") as part:
+            part.write(
+                b'<w:document xmlns:w="http://schemas.openxmlformats.org/wordprocessingml/2006/'
+                b'main"><w:body>'
+            )
+            block = b"<w:p><w:r><w:t>x</w:t></w:r></w:p>" * 100_000
+            for _ in range(paragraphs // 100_000):
+                part.write(block)
+            part.write(b"</w:body></w:document>")
+    return buffer.getvalue()
+
+
+async def _hostile_next_to_a_good_one(settings, new_client, filename: str, data: bytes):
+    app = await start(settings)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}") as channel:
+            client = new_client(channel)
+            hostile = await client.upload(filename, data)
+            good = await client.upload("good.txt", GOOD)
+            hostile_states = await client.watch(hostile.document.id)
+            good_states = await client.watch(good.document.id)
+            assert good_states[-1].status == READY, good_states[-1].error
+            text = await client.call("GetDocumentText", document_id=good.document.id)
+            assert text.text == GOOD.decode()
+            # The worker goes on after the kill: a later file is parsed too.
+            later = await client.ingest("later.txt", b"Uploaded after the hostile file failed.")
+            assert later.status == READY, later.error
+            return hostile_states
+    finally:
+        await app.server.stop(0)
+        await app.close()
+
+
+async def test_a_parser_that_never_finishes_is_stopped_at_the_time_limit(
+    make_settings, tmp_path, new_client
+):
+    # One worker: the good file waits behind the hostile one, so it is READY only because
+    # the worker was given back when the parse was stopped.
+    settings = make_settings(tmp_path, workers=1, parse_timeout_seconds=3)
+    states = await _hostile_next_to_a_good_one(settings, new_client, "endless.pdf", _endless_pdf())
+    assert states[-1].status == FAILED
+    assert "longer than the limit of 3 s" in states[-1].error
+    assert "PARSE_TIMEOUT_SECONDS" in states[-1].error
+
+
+async def test_a_file_that_balloons_the_parser_memory_is_stopped_at_the_cap(
+    make_settings, tmp_path, new_client, samples
+):
+    settings = make_settings(
+        tmp_path,
+        workers=1,
+        parse_memory_bytes=512 * 1024 * 1024,
+        max_docx_uncompressed_bytes=200 * 1024 * 1024,
+    )
+    states = await _hostile_next_to_a_good_one(
+        settings, new_client, "balloon.docx", _ballooning_docx(samples.docx())
+    )
+    assert states[-1].status == FAILED
+    assert "more memory than the limit of 512 MiB" in states[-1].error
+    assert "PARSE_MEMORY_BYTES" in states[-1].error
