@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.common.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
+from services.common.metrics import QueueFigures
 from services.llm.decoding import IncrementalDecoder
 from services.llm.engine import Delta, EngineInfo, FinishReason, Job, Result, error_text
 
@@ -77,6 +78,10 @@ class BatchingEngine:
         self._draining = False
         self.failure = ""
         self.on_health_change: Callable[[], None] | None = None
+        # Decode steps run, the sequences they advanced, and the most at once (metrics).
+        self._steps = 0
+        self._stepped_rows = 0
+        self._most_rows = 0
 
     def _start_thread(self) -> None:
         """Starts the decode thread; subclasses call it once their model is in place."""
@@ -142,6 +147,15 @@ class BatchingEngine:
         finally:
             if not request.done:
                 self.cancel(job.key)
+
+    def queue_figures(self) -> QueueFigures:
+        """Requests waiting for a slot; each decode step is a batch of the rows it advanced."""
+        return QueueFigures(
+            depth=len(self._pending),
+            batches=self._steps,
+            batched_items=self._stepped_rows,
+            max_batch_size=self._most_rows,
+        )
 
     def cancel(self, key: tuple[str, str, str]) -> bool:
         with self._cv:
@@ -305,6 +319,9 @@ class BatchingEngine:
 
     def _decode_step(self) -> None:
         out = self._forward()
+        self._steps += 1
+        self._stepped_rows += len(self._active)
+        self._most_rows = max(self._most_rows, len(self._active))
         for row, request in enumerate(self._active):
             if request.cancelled:
                 continue

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.metrics import QueueFigures
 from services.llm import catalogue, hub, loading
+from services.llm.batching import BatchingEngine
 from services.llm.engine import Delta, Engine, Job, Message, Result, error_text
 from services.llm.genconfig import (
     FALLBACK_CONTEXT_LENGTH,
@@ -108,6 +110,14 @@ class ModelManager:
                 device=info.device,
             )
         return status
+
+    def queue_figures(self) -> QueueFigures:
+        """The serving engine's queue and decode batches since it loaded; zeros without a
+        model or for a remote one (its server batches)."""
+        engine = self._engine
+        if isinstance(engine, BatchingEngine):
+            return engine.queue_figures()
+        return QueueFigures(depth=0, batches=0, batched_items=0, max_batch_size=0)
 
     async def watch(self) -> AsyncIterator[Status]:
         """The current status, then one per transition, until the caller stops."""
