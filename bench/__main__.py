@@ -1,9 +1,12 @@
-"""Runs every benchmark, or those named: python -m bench [runtime embed ingest llm search ...]."""
+"""Runs every benchmark, or those named: python -m bench [runtime embed ingest llm search
+... load]."""
 
 import importlib
 import sys
 
-BENCHES = ["runtime", "embed", "ingest", "search", "llm", "vector", "sessions"]
+BENCHES = ["runtime", "embed", "ingest", "search", "llm", "vector", "sessions", "load"]
+# Benchmarks whose module is not bench.<name>_bench.
+MODULES = {"load": "bench.load"}
 
 
 def main() -> None:
@@ -12,10 +15,11 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown benchmark(s) {sorted(unknown)}; choose from {BENCHES}")
     for name in chosen:
+        module_name = MODULES.get(name, f"bench.{name}_bench")
         try:
-            module = importlib.import_module(f"bench.{name}_bench")
+            module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name != f"bench.{name}_bench":
+            if exc.name != module_name:
                 raise
             print(f"{name}: no benchmark yet")
             continue

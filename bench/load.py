@@ -1,16 +1,24 @@
 """Load on the mesh: concurrent chat streams, uploads and searches for a bounded time.
 
     python -m bench.load [--seconds 300] [--streams 32] [--uploads 8] [--searches 4]
-                         [--target ingest=HOST:PORT --target sessions=HOST:PORT ...]
+                         [--answer-tokens 48] [--no-documents]
+                         [--target ingest=HOST:PORT --target sessions=HOST:PORT]
 
 Without --target it starts embed, ingest, llm and sessions as processes on loopback ports
 (data in a temporary folder, models from the shared caches under var/cache) and stops
-them at the end. It prints requests per second, p50/p95/p99 per RPC, errors by status code
-(RESOURCE_EXHAUSTED is the expected answer to overload; INTERNAL or UNKNOWN is a failure),
-each process's RSS once warm and at the end, and the load average. At the end it checks
-that nothing was lost: every accepted upload is READY or FAILED, and every chat stream
-ended with a stored answer (a defined finish reason) or a status. Exit status 1 when any
-call failed with INTERNAL or UNKNOWN, or something was lost.
+them at the end. After a warm-up (one upload, one search of each mode, one answer), for
+--seconds: each chat stream sends a question and reads its answer, again and again, in a
+session naming the warm-up document (so retrieval searches it); each uploader uploads a
+small Markdown file and follows it with WatchDocument until it is indexed; each searcher
+runs keyword and semantic searches; what is in flight at the end runs to its end.
+
+It prints requests per second, p50/p95/p99 per RPC, errors by status code
+(RESOURCE_EXHAUSTED is the expected answer to overload; INTERNAL or UNKNOWN is a
+failure), each process's RSS once warm and at the end (only for the processes it
+started), and the load average. At the end it checks that nothing was lost: every
+accepted upload is READY or FAILED, and every chat stream ended with a stored answer (a
+defined finish reason) or a status. Exit status 1 when any call failed with INTERNAL or
+UNKNOWN, or something was lost.
 """
 
 import argparse
@@ -176,6 +184,9 @@ class Load:
     searches: int = 4
     # Tokens per answer: short answers keep many streams turning over.
     answer_tokens: int = 48
+    # Chat sessions name a document, so each message also searches it and the prompt
+    # carries its passages; without, answers come from the question alone.
+    documents: bool = True
 
 
 WORDS = (
@@ -220,6 +231,17 @@ async def _upload_loop(stub, stats: Stats, deadline: float, worker: int) -> None
             continue
         stats.record("UploadDocument", started, grpc.StatusCode.OK)
         stats.uploads.append(reply.document.id)
+        # As a person's upload does: followed until it is indexed (or failed).
+        started = time.perf_counter()
+        try:
+            async for _ in stub.WatchDocument(
+                ingest_pb2.WatchDocumentRequest(document_id=reply.document.id), timeout=300
+            ):
+                pass
+        except grpc.aio.AioRpcError as exc:
+            stats.record("WatchDocument (to done)", started, exc.code(), exc.details())
+            continue
+        stats.record("WatchDocument (to done)", started, grpc.StatusCode.OK)
 
 
 async def _search_loop(stub, stats: Stats, deadline: float, worker: int) -> None:
@@ -239,12 +261,17 @@ async def _search_loop(stub, stats: Stats, deadline: float, worker: int) -> None
         stats.record("Search", started, grpc.StatusCode.OK)
 
 
-async def _chat_loop(stub, stats: Stats, deadline: float, worker: int, load: Load) -> None:
+async def _chat_loop(
+    stub, stats: Stats, deadline: float, worker: int, load: Load, document_id: str
+) -> None:
     rng = random.Random(2000 + worker)
     started = time.perf_counter()
     try:
         created = await stub.CreateSession(
-            sessions_pb2.CreateSessionRequest(name=f"load {worker}"), timeout=30
+            sessions_pb2.CreateSessionRequest(
+                name=f"load {worker}", document_ids=[document_id] if load.documents else []
+            ),
+            timeout=30,
         )
     except grpc.aio.AioRpcError as exc:
         stats.record("CreateSession", started, exc.code(), exc.details())
@@ -337,12 +364,15 @@ async def run_load(targets: dict[str, str], load: Load, rss=lambda: {}) -> Resul
     try:
         ingest = ingest_pb2_grpc.IngestServiceStub(ingest_channel)
         sessions = sessions_pb2_grpc.SessionsServiceStub(sessions_channel)
-        await _warm_up(ingest, sessions, load.answer_tokens)
+        document_id = await _warm_up(ingest, sessions, load.answer_tokens)
         rss_warm = rss()
         deadline = time.monotonic() + load.seconds
         started = time.monotonic()
         await asyncio.gather(
-            *(_chat_loop(sessions, stats, deadline, n, load) for n in range(load.streams)),
+            *(
+                _chat_loop(sessions, stats, deadline, n, load, document_id)
+                for n in range(load.streams)
+            ),
             *(_upload_loop(ingest, stats, deadline, n) for n in range(load.uploads)),
             *(_search_loop(ingest, stats, deadline, n) for n in range(load.searches)),
         )
@@ -355,9 +385,10 @@ async def run_load(targets: dict[str, str], load: Load, rss=lambda: {}) -> Resul
     return Result(stats, elapsed, documents, rss_warm, rss_end)
 
 
-async def _warm_up(ingest, sessions, answer_tokens: int) -> None:
+async def _warm_up(ingest, sessions, answer_tokens: int) -> str:
     """One upload (until it is indexed), one search of each mode and one answer, so
-    models, indexes and caches are loaded before anything is measured."""
+    models, indexes and caches are loaded before anything is measured; returns the
+    uploaded document's id (the chat sessions' document)."""
 
     def upload():
         yield ingest_pb2.UploadDocumentRequest(
@@ -372,7 +403,9 @@ async def _warm_up(ingest, sessions, answer_tokens: int) -> None:
         pass
     for mode in (ingest_pb2.SEARCH_MODE_KEYWORD, ingest_pb2.SEARCH_MODE_SEMANTIC):
         await ingest.Search(ingest_pb2.SearchRequest(query="keeper lens", mode=mode), timeout=60)
-    created = await sessions.CreateSession(sessions_pb2.CreateSessionRequest(), timeout=30)
+    created = await sessions.CreateSession(
+        sessions_pb2.CreateSessionRequest(document_ids=[reply.document.id]), timeout=30
+    )
     request = sessions_pb2.SendMessageRequest(
         session_id=created.session.id,
         content=QUESTIONS[0],
@@ -380,6 +413,7 @@ async def _warm_up(ingest, sessions, answer_tokens: int) -> None:
     )
     async for _ in sessions.SendMessage(request, timeout=300):
         pass
+    return reply.document.id
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -391,7 +425,8 @@ def report(result: Result, load: Load) -> str:
     stats = result.stats
     lines = [
         f"load: {load.streams} chat streams, {load.uploads} uploaders, {load.searches} "
-        f"searchers for {result.elapsed:.0f} s; answers of at most {load.answer_tokens} tokens",
+        f"searchers for {result.elapsed:.0f} s; answers of at most {load.answer_tokens} tokens"
+        + ("" if load.documents else ", sessions without documents"),
         f"requests: {stats.requests} ({stats.requests / result.elapsed:.1f}/s)",
         f"{'rpc':<26}{'calls':>7}{'per s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}  statuses",
     ]
@@ -447,16 +482,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--searches", type=int, default=4)
     parser.add_argument("--answer-tokens", type=int, default=48)
     parser.add_argument(
+        "--no-documents", action="store_true", help="chat sessions without a document"
+    )
+    parser.add_argument(
         "--target",
         action="append",
         default=[],
         metavar="SERVICE=HOST:PORT",
         help="a running ingest and sessions instead of starting the mesh",
     )
-    args = parser.parse_args(argv)
+    # Known options only: `python -m bench load` leaves the benchmark names in argv.
+    args, rest = parser.parse_known_args(argv)
+    unknown = [arg for arg in rest if arg.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.seconds <= 0 or min(args.streams, args.uploads, args.searches) < 0:
         parser.error("--seconds must be positive and the counts not negative")
-    load = Load(args.seconds, args.streams, args.uploads, args.searches, args.answer_tokens)
+    load = Load(
+        args.seconds,
+        args.streams,
+        args.uploads,
+        args.searches,
+        args.answer_tokens,
+        documents=not args.no_documents,
+    )
     targets = dict(target.partition("=")[::2] for target in args.target)
     if targets and set(targets) != {"ingest", "sessions"}:
         parser.error("--target needs ingest=HOST:PORT and sessions=HOST:PORT")
