@@ -307,6 +307,20 @@ async def test_a_mistake_gets_its_status_and_a_message_a_person_can_act_on(mesh,
     assert re.fullmatch(r"[0-9a-f]{32}", info["metadata"]["request_id"])
 
 
+@pytest.mark.parametrize("name", SERVICES)
+async def test_every_service_counts_its_calls_and_errors_for_anyone(mesh, name):
+    wrong = next(mistake for mistake in MISTAKES.values() if mistake.service == name)
+    await grpcurl(*rpc_args(mesh, name, wrong.method, wrong.data), stdin=wrong.stdin)
+    figures = await ok(mesh[name], "ragmesh.telemetry.v1.MetricsService/GetServiceMetrics")
+    metrics = figures.json()["metrics"]
+    assert metrics["service_name"] == f"ragmesh-{name}"
+    by_method = {rpc["method"]: rpc for rpc in metrics["rpcs"]}
+    counted = by_method[f"/{SERVICES[name]}/{wrong.method}"]
+    status = re.sub(r"(?<!^)(?=[A-Z])", "_", wrong.status).upper()
+    assert int(counted["errors_by_code"][status]) >= 1
+    assert int(counted["calls"]) >= int(counted["errors"]) >= 1
+
+
 @pytest.mark.parametrize("name", ["ingest", "llm", "sessions", "telemetry"])
 async def test_a_call_without_a_valid_key_is_unauthenticated(mesh, name):
     method = {
