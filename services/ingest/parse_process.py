@@ -28,6 +28,7 @@ _LENGTH = struct.Struct(">Q")
 # limit of its own, which only a machine in trouble reaches.
 _START_SECONDS = 120.0
 _PR_SET_PDEATHSIG = 1
+_SIGNALS = frozenset(signal.Signals)
 
 
 class ParserProcesses:
@@ -112,7 +113,10 @@ class ParserProcesses:
 
     async def _death(self, child: asyncio.subprocess.Process) -> str:
         code = await child.wait()
-        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        if code >= 0:
+            how = f"exit status {code}"
+        else:
+            how = f"signal {signal.Signals(-code).name if -code in _SIGNALS else -code}"
         _LOGGER.warning("a parser process stopped with %s", how)
         return (
             f"the parser process stopped ({how}) while reading the file; its memory "

@@ -1,11 +1,13 @@
 """Files built to hang a parser or balloon its memory: parsing runs in a child process that
 is stopped at PARSE_TIMEOUT_SECONDS or PARSE_MEMORY_BYTES, the document FAILS with the limit
-named, and a good document uploaded alongside is READY (the one worker goes on). Parsing
-does not depend on the database, so these run on SQLite only."""
+named, and a good document uploaded alongside is READY (the one worker goes on); deleting
+a document while it parses kills its parser. Parsing does not depend on the database, so
+these run on SQLite only."""
 
 import io
 import zipfile
 import zlib
+from pathlib import Path
 
 import grpc
 import pytest
@@ -120,3 +122,36 @@ async def test_a_file_that_balloons_the_parser_memory_is_stopped_at_the_cap(
     assert states[-1].status == FAILED
     assert "more memory than the limit of 512 MiB" in states[-1].error
     assert "PARSE_MEMORY_BYTES" in states[-1].error
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+async def test_deleting_a_document_kills_its_parse(make_settings, tmp_path, new_client, eventually):
+    settings = make_settings(tmp_path, workers=1)
+    app = await start(settings)
+    parsers = app.workers._parsers
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}") as channel:
+            client = new_client(channel)
+            hostile = await client.upload("endless.pdf", _endless_pdf())
+
+            async def parsing() -> bool:
+                return bool(parsers._busy)
+
+            await eventually(parsing)
+            (child,) = parsers._busy
+            assert _alive(child.pid)
+            await client.call("DeleteDocument", document_id=hostile.document.id)
+            # The delete returns once the work stopped: its parser is gone, not left running.
+            assert not _alive(child.pid)
+            good = await client.ingest("good.txt", GOOD)
+            assert good.status == READY, good.error
+    finally:
+        await app.server.stop(0)
+        await app.close()
