@@ -63,9 +63,10 @@ class IngestSettings(ServiceSettings):
     # Largest parsed text kept for a document, in characters.
     max_text_chars: int = Field(default=20_000_000, ge=1)
     # Each file is parsed in a child process that is stopped after this many seconds, and
-    # whose address space is capped to this many bytes; either makes the document FAILED.
+    # whose address space is capped to this many bytes (1 GiB parses a 40 MB web page);
+    # either makes the document FAILED.
     parse_timeout_seconds: float = Field(default=300.0, gt=0)
-    parse_memory_bytes: int = Field(default=2 * 1024**3, ge=256 * 1024**2)
+    parse_memory_bytes: int = Field(default=1024**3, ge=256 * 1024**2)
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> "IngestSettings":
