@@ -131,8 +131,8 @@ def _ms(value: float) -> str:
 
 def _figures(mesh: telemetry_pb2.GetMeshStatusResponse) -> list[Table]:
     """The calls per RPC and the model queues each service reported, when any did."""
-    rpcs = table("SERVICE", "RPC", "CALLS", "ERRORS", "P50", "P95", "MAX")
-    queues = table("SERVICE", "QUEUE", "WAITING", "BATCHES", "MEAN BATCH", "MAX BATCH")
+    rpcs = table("SERVICE/RPC", "CALLS", "ERRORS", "P50", "P95", "MAX")
+    queues = table("SERVICE/QUEUE", "WAITING", "BATCHES", "MEAN BATCH", "MAX BATCH")
     for service in mesh.services:
         for rpc in service.metrics.rpcs:
             errors = ", ".join(
@@ -140,8 +140,7 @@ def _figures(mesh: telemetry_pb2.GetMeshStatusResponse) -> list[Table]:
             )
             add_row(
                 rpcs,
-                service.name,
-                rpc.method.rsplit("/", 1)[-1],
+                f"{service.name}/{rpc.method.rsplit('/', 1)[-1]}",
                 str(rpc.calls),
                 Text(errors, style="red") if errors else "0",
                 _ms(rpc.p50_ms),
@@ -151,8 +150,7 @@ def _figures(mesh: telemetry_pb2.GetMeshStatusResponse) -> list[Table]:
         for queue in service.metrics.queues:
             add_row(
                 queues,
-                service.name,
-                queue.name,
+                f"{service.name}/{queue.name}",
                 str(queue.depth),
                 str(queue.batches),
                 f"{queue.mean_batch_size:.1f}",

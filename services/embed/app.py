@@ -80,7 +80,7 @@ async def start(settings: EmbedSettings, model=None, backend: Backend | None = N
         raise
     servicer.embedder = embedder
     running.metrics.watch_queue(
-        "embed",
+        "batcher",
         lambda: QueueFigures(
             depth=embedder.queued_texts,
             batches=embedder.stats.batches,

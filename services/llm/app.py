@@ -42,7 +42,7 @@ async def start(settings: LlmSettings) -> LlmApp:
         serving=False,
     )
     holder["server"] = running
-    running.metrics.watch_queue("llm", manager.queue_figures)
+    running.metrics.watch_queue("decode", manager.queue_figures)
     if settings.default_model:
         try:
             await manager.load(LoadOptions(model=settings.default_model))

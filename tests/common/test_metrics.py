@@ -163,13 +163,13 @@ async def test_ragmesh_status_shows_each_services_calls_errors_and_embed_queue(m
     assert int(embed_rpcs["Embed"]["calls"]) == 2 + 2
     assert embed_rpcs["Embed"]["errorsByCode"] == {"INVALID_ARGUMENT": "1"}
     (queue,) = embed_figures["queues"]
-    assert queue["name"] == "embed" and queue["depth"] == "0"
+    assert queue["name"] == "batcher" and queue["depth"] == "0"
     assert int(queue["batchedItems"]) >= 2 + 2 and int(queue["maxBatchSize"]) >= 2
     assert 1 <= int(queue["batches"]) <= int(queue["batchedItems"])
 
     code, out, err = await ragmesh(mesh["telemetry"], "status")
     assert code == 0, err
     rows = [line.split() for line in out.splitlines()]
-    assert ["ingest", "Search", "2", "0"] in [row[:4] for row in rows]
-    assert ["ingest", "GetDocument", "1", "1", "NOT_FOUND"] in [row[:5] for row in rows]
-    assert ["embed", "embed", "0"] in [row[:3] for row in rows]
+    assert ["ingest/Search", "2", "0"] in [row[:3] for row in rows]
+    assert ["ingest/GetDocument", "1", "1", "NOT_FOUND"] in [row[:4] for row in rows]
+    assert ["embed/batcher", "0"] in [row[:2] for row in rows]

@@ -253,19 +253,21 @@ async def test_one_send_message_is_one_trace_across_the_four_services(collector,
     assert calls("ragmesh-ingest", "Search") == 1
     assert calls("ragmesh-embed", "Embed") >= 2  # the chunk, the query, the memory probe
 
-    def queue(service: str) -> dict[str, int]:
+    def queue(service: str, queue: str) -> dict[str, int]:
         return {
             metric.removeprefix("ragmesh.queue."): point.as_int
             for name, metric, point in collected.points
-            if name == service and metric.startswith("ragmesh.queue.")
+            if name == service
+            and metric.startswith("ragmesh.queue.")
+            and {a.key: a.value.string_value for a in point.attributes} == {"queue": queue}
         }
 
     # The answer's 12 tokens: decode steps of one sequence (the first token comes with
     # the prompt).
-    llm_queue = queue("ragmesh-llm")
+    llm_queue = queue("ragmesh-llm", "decode")
     assert llm_queue["depth"] == 0
     assert 1 <= llm_queue["batches"] == llm_queue["batched_items"] < answer.completion_tokens
     assert llm_queue["max_batch_size"] == 1
-    embed_queue = queue("ragmesh-embed")
+    embed_queue = queue("ragmesh-embed", "batcher")
     assert embed_queue["depth"] == 0 and 2 <= embed_queue["batches"]
     assert embed_queue["batches"] <= embed_queue["batched_items"]
