@@ -8,6 +8,7 @@ import json
 import math
 import re
 import shutil
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,18 +82,28 @@ async def ok(*args: str, stdin: str = "") -> Call:
     return call
 
 
-def rpc_args(mesh, name: str, method: str, data=None, key: str | None = API_KEY) -> list[str]:
+def rpc_args(
+    mesh, name: str, method: str, data=None, key: str | None = API_KEY, options=()
+) -> list[str]:
     """grpcurl's arguments for SERVICE/METHOD of a mesh service: `-H 'authorization: Bearer
     KEY'` with a key, `-d JSON` with data (`-d @`, messages from stdin, for "@")."""
     args = ["-H", f"authorization: Bearer {key}"] if key else []
     if data is not None:
         args += ["-d", data if data == "@" else json.dumps(data)]
-    return [*args, mesh[name], f"{SERVICES[name]}/{method}"]
+    return [*args, *options, mesh[name], f"{SERVICES[name]}/{method}"]
 
 
 async def rpc(mesh, name: str, method: str, data=None, stdin: str = "") -> Call:
     """A call that works."""
     return await ok(*rpc_args(mesh, name, method, data), stdin=stdin)
+
+
+async def watch(mesh, name: str, method: str, data=None) -> list[dict]:
+    """A watch streams until its caller stops it: grpcurl stops it with -max-time
+    (DEADLINE_EXCEEDED); the messages it printed until then."""
+    call = await grpcurl(*rpc_args(mesh, name, method, data, options=("-max-time", "10")))
+    assert call.code == 64 + 4 and "Code: DeadlineExceeded" in call.err, call.err
+    return call.messages()
 
 
 def rpcs(name: str) -> set[str]:
@@ -175,25 +186,38 @@ async def test_llm_status_and_a_streamed_generate(mesh):
     assert {m["request_id"] for m in generated} == {last["request_id"]}
 
 
-async def test_sessions_create_and_stream_a_cited_answer(mesh, hut):
+QUESTION = "How do supplies reach the hut?"
+
+
+@pytest.fixture(scope="module")
+async def conversation(mesh, hut) -> tuple[dict, list[dict]]:
+    """A session over the hut notes made through grpcurl and SendMessage's stream for one
+    question."""
     document_id = hut["document"]["id"]
     await processed(mesh, document_id)
     created = await rpc(
-        mesh, "sessions", "CreateSession", {"name": "fjellstue", "document_ids": [document_id]}
+        mesh,
+        "sessions",
+        "CreateSession",
+        {"name": "fjellstue", "document_ids": [document_id], "tags": ["huts"]},
     )
     session = created.json()["session"]
-    assert session["document_ids"] == [document_id]
-
-    question = "How do supplies reach the hut?"
     overrides = {"max_new_tokens": 16, "temperature": 0}
     sent = await rpc(
         mesh,
         "sessions",
         "SendMessage",
-        {"session_id": session["id"], "content": question, "overrides": overrides},
+        {"session_id": session["id"], "content": QUESTION, "overrides": overrides},
     )
-    first, retrieval, *deltas, last = sent.messages()
-    assert first["user_message"]["content"] == question
+    return session, sent.messages()
+
+
+async def test_sessions_create_and_stream_a_cited_answer(hut, conversation):
+    document_id = hut["document"]["id"]
+    session, events = conversation
+    assert session["document_ids"] == [document_id] and session["tags"] == ["huts"]
+    first, retrieval, *deltas, last = events
+    assert first["user_message"]["content"] == QUESTION
     hits = retrieval["retrieval"]["hits"]
     assert hits and hits[0]["citation"]["document_id"] == document_id
     assert deltas and all(set(d) == {"delta"} for d in deltas)
@@ -204,10 +228,78 @@ async def test_sessions_create_and_stream_a_cited_answer(mesh, hut):
     assert answer["finish_reason"] in {f"FINISH_REASON_{r}" for r in ("LENGTH", "EOS", "STOP")}
 
 
+async def test_sessions_read_back_the_conversation(mesh, conversation):
+    session, events = conversation
+    messages = await rpc(mesh, "sessions", "ListMessages", {"session_id": session["id"]})
+    stored = messages.json()["messages"]
+    assert [m["id"] for m in stored] == [
+        events[0]["user_message"]["id"],
+        events[-1]["assistant_message"]["id"],
+    ]
+    found = (await rpc(mesh, "sessions", "SearchSessions", {"query": "fjellstue"})).json()
+    assert session["id"] in [match["session"]["id"] for match in found["matches"]]
+    tagged = await rpc(mesh, "sessions", "ListSessions", {"tag": "huts", "page_size": 10})
+    assert [s["id"] for s in tagged.json()["sessions"]] == [session["id"]]
+
+    async def recalled() -> dict:
+        # Exchanges reach the memory in the background, soon after the answer.
+        while True:
+            search = await rpc(mesh, "sessions", "SearchMemory", {"query": "supplies for the hut"})
+            hits = search.json().get("hits", [])
+            if any(hit["session_id"] == session["id"] for hit in hits):
+                return next(hit for hit in hits if hit["session_id"] == session["id"])
+            await asyncio.sleep(0.5)
+
+    memory = await asyncio.wait_for(recalled(), HANG_SECONDS)
+    assert memory["message_id"] in [m["id"] for m in stored]
+    assert QUESTION in memory["text"]
+
+
+async def test_ingest_chunks_and_keyword_search_with_neighbours(mesh, hut):
+    document_id = hut["document"]["id"]
+    await processed(mesh, document_id)
+    listed = await rpc(mesh, "ingest", "ListChunks", {"document_id": document_id, "page_size": 5})
+    chunks = listed.json()["chunks"]
+    assert chunks and {c["document_id"] for c in chunks} == {document_id}
+    keyword = {"query": "woodshed", "mode": "SEARCH_MODE_KEYWORD", "include_neighbors": True}
+    hits = (await rpc(mesh, "ingest", "Search", keyword)).json()["hits"]
+    assert hits[0]["document_id"] == document_id and hits[0]["matched_terms"] == ["woodshed"]
+    assert "semantic" not in hits[0]
+    assert ("previous" in hits[0]) == (hits[0].get("chunk_index", 0) > 0)
+
+
+async def test_llm_models_chat_watch_and_a_confirmed_config(mesh):
+    models = (await rpc(mesh, "llm", "ListModels")).json()["models"]
+    assert [m["id"] for m in models if m.get("loaded")] == ["SmolLM2-135M-Instruct"]
+    question = {"role": "ROLE_USER", "content": "What is the capital of France?"}
+    overrides = {"temperature": 0, "max_new_tokens": 8}
+    chat = await rpc(mesh, "llm", "Chat", {"messages": [question], "overrides": overrides})
+    *deltas, last = chat.messages()
+    assert "".join(d["delta"] for d in deltas) == last["completion"]["text"]
+    # The first update of a watch is the current status.
+    assert (await watch(mesh, "llm", "WatchModelStatus"))[0]["status"]["state"] == (
+        "MODEL_STATE_READY"
+    )
+
+    before = (await rpc(mesh, "llm", "GetGenerationConfig")).json()["config"]
+    fields = ["temperature", "max_new_tokens"]
+    change = {
+        "config": {"temperature": 0.2, "max_new_tokens": 128},
+        "update_mask": {"paths": fields},
+    }
+    applied = (await rpc(mesh, "llm", "UpdateGenerationConfig", change)).json()["config"]
+    assert (applied["temperature"], applied["max_new_tokens"]) == (0.2, 128)
+    assert int(applied["revision"]) == int(before.get("revision", 0)) + 1
+    restore = {"config": {f: before.get(f, 0) for f in fields}, "update_mask": {"paths": fields}}
+    await rpc(mesh, "llm", "UpdateGenerationConfig", restore)
+
+
 async def test_telemetry_system_and_mesh(mesh):
     system = (await rpc(mesh, "telemetry", "GetSystemStatus")).json()["status"]
     assert system["cpu"]["logical_cores"] > 0
     assert int(system["memory"]["total_bytes"]) > 0
+    updates = await watch(mesh, "telemetry", "WatchSystemStatus", {"interval": "2s"})
+    assert updates[0]["status"]["hostname"] == socket.gethostname()
     view = (await rpc(mesh, "telemetry", "GetMeshStatus")).json()
     assert {s["name"]: s["state"] for s in view["services"]} == dict.fromkeys(
         ("embed", "ingest", "llm", "sessions"), "STATE_SERVING"
