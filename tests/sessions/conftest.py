@@ -3,7 +3,6 @@ loopback ports, an llm proxy that records and can fault what sessions sends, and
 sessions server per database backend."""
 
 import asyncio
-from pathlib import Path
 
 import grpc
 import pytest
@@ -21,9 +20,6 @@ from services.llm.settings import LlmSettings
 from services.sessions.app import start as start_sessions
 from services.sessions.settings import SessionsSettings
 
-REPO = Path(__file__).resolve().parents[2]
-# Shared with the llm tests: the default model is prepared there once.
-CACHE_MODELS = REPO / "var" / "cache" / "llm-tests" / "models"
 API_KEYS = {
     "alice-key": "alice:acme",
     "bob-key": "bob:globex",
@@ -60,11 +56,12 @@ async def ingest_target(embed_target, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 async def llm_target(tmp_path_factory):
-    CACHE_MODELS.mkdir(parents=True, exist_ok=True)
+    # The default model, the packaged GGUF, loads from its package on llama.cpp.
+    data = tmp_path_factory.mktemp("llm")
     settings = LlmSettings(
         port=0,
-        data_dir=tmp_path_factory.mktemp("llm"),
-        models_dir=CACHE_MODELS,
+        data_dir=data,
+        models_dir=data / "models",
         api_keys=API_KEYS,
         shutdown_grace_seconds=0.5,
     )
