@@ -112,6 +112,23 @@ def rpcs(name: str) -> set[str]:
     return set(re.findall(r"^\s*rpc (\w+)\(", proto, re.MULTILINE))
 
 
+def fields(name: str, message: str) -> set[str]:
+    """The field names of a message in the service's .proto file."""
+    proto = (ROOT / "protos" / "ragmesh" / name / "v1" / f"{name}.proto").read_text()
+    body = re.search(rf"^message {message} {{\n(.*?)^}}", proto, re.MULTILINE | re.DOTALL)[1]
+    return set(re.findall(r"^\s+(?:optional |repeated )?[\w.<>, ]+ (\w+) = \d+;", body, re.M))
+
+
+# A request message per service, described field by field.
+REQUESTS = {
+    "ingest": "SearchRequest",
+    "embed": "EmbedRequest",
+    "llm": "GenerateRequest",
+    "sessions": "SendMessageRequest",
+    "telemetry": "WatchSystemStatusRequest",
+}
+
+
 @pytest.mark.parametrize("name", SERVICES)
 async def test_reflection_lists_and_describes_every_rpc_without_credentials(mesh, name):
     target, service = mesh[name], SERVICES[name]
@@ -123,6 +140,9 @@ async def test_reflection_lists_and_describes_every_rpc_without_credentials(mesh
     described = (await ok(target, "describe", service)).out
     assert f"{service} is a service:" in described
     assert {rpc for rpc in rpcs(name) if f"rpc {rpc} (" not in described} == set()
+    request = REQUESTS[name]
+    message = (await ok(target, "describe", f"{service.rsplit('.', 1)[0]}.{request}")).out
+    assert {field for field in fields(name, request) if f" {field} = " not in message} == set()
     health = await ok(target, "grpc.health.v1.Health/Check")
     assert health.json() == {"status": "SERVING"}
 
