@@ -4,8 +4,11 @@ never the service or the other documents.
 
 Each child is a warm `python -m services.ingest.parse_process <memory bytes> <pid>`, its
 address space capped with RLIMIT_AS, that answers one parse after another on its stdin
-and stdout: an 8-byte length, then JSON (never pickle: the child reads hostile files). A
-child that overruns its time is killed; one that ran out of memory, or died, is replaced.
+and stdout: an 8-byte length, then JSON (never pickle: the child reads hostile files). The
+child says when it has a request, before it opens the file, so a child that died idle (the
+OOM killer, a stray signal) is told from one the file killed: the first file goes to a
+fresh child, the second fails. A child that overruns its time is killed; one that ran out
+of memory, or died, is replaced.
 """
 
 import asyncio
@@ -45,13 +48,30 @@ class ParserProcesses:
 
     async def parse(self, path: Path, mime_type: str) -> ParsedDocument:
         """The parsed document, or ParseError saying why not (a limit, with its value)."""
-        child = await self._take()
+        try:
+            return await self._parse(await self._take(), path, mime_type)
+        except _DiedIdle as death:
+            # Not this file's doing: the child was gone before it read the request.
+            _LOGGER.warning("an idle parser process had stopped with %s; starting another", death)
+        try:
+            return await self._parse(await self._start(), path, mime_type)
+        except _DiedIdle as death:
+            raise ParseError(
+                f"a fresh parser process stopped ({death}) before reading the file too"
+            ) from None
+
+    async def _parse(
+        self, child: asyncio.subprocess.Process, path: Path, mime_type: str
+    ) -> ParsedDocument:
         self._busy.add(child)
         reusable = False
+        reading = False
         try:
             try:
                 await _send(child, {"path": str(path), "mime_type": mime_type, **self._limits})
                 async with asyncio.timeout(self._timeout):
+                    await _receive(child)
+                    reading = True
                     reply = await _receive(child)
             except TimeoutError:
                 raise ParseError(
@@ -59,7 +79,14 @@ class ParserProcesses:
                     "(RAGMESH_INGEST_PARSE_TIMEOUT_SECONDS) and was stopped"
                 ) from None
             except (asyncio.IncompleteReadError, ConnectionError):
-                raise ParseError(await self._death(child)) from None
+                how = await _how_it_stopped(child)
+                if not reading:
+                    raise _DiedIdle(how) from None
+                _LOGGER.warning("a parser process stopped with %s", how)
+                raise ParseError(
+                    f"the parser process stopped ({how}) while reading the file; its memory "
+                    f"limit is {_mib(self._memory_bytes)} (RAGMESH_INGEST_PARSE_MEMORY_BYTES)"
+                ) from None
             if reply.get("memory"):
                 raise ParseError(
                     f"parsing needed more memory than the limit of {_mib(self._memory_bytes)} "
@@ -111,17 +138,16 @@ class ParserProcesses:
             raise
         return child
 
-    async def _death(self, child: asyncio.subprocess.Process) -> str:
-        code = await child.wait()
-        if code >= 0:
-            how = f"exit status {code}"
-        else:
-            how = f"signal {signal.Signals(-code).name if -code in _SIGNALS else -code}"
-        _LOGGER.warning("a parser process stopped with %s", how)
-        return (
-            f"the parser process stopped ({how}) while reading the file; its memory "
-            f"limit is {_mib(self._memory_bytes)} (RAGMESH_INGEST_PARSE_MEMORY_BYTES)"
-        )
+
+class _DiedIdle(Exception):
+    """The child stopped before it read the request (its message says how)."""
+
+
+async def _how_it_stopped(child: asyncio.subprocess.Process) -> str:
+    code = await child.wait()
+    if code >= 0:
+        return f"exit status {code}"
+    return f"signal {signal.Signals(-code).name if -code in _SIGNALS else -code}"
 
 
 def _mib(count: int) -> str:
@@ -198,7 +224,9 @@ def _serve(memory_bytes: int, parent: int) -> None:
     write({"ready": True})
     while header := requests.read(_LENGTH.size):
         (length,) = _LENGTH.unpack(header)
-        write(_answer(json.loads(requests.read(length))))
+        request = json.loads(requests.read(length))
+        write({"reading": True})
+        write(_answer(request))
 
 
 if __name__ == "__main__":

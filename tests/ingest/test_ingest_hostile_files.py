@@ -5,6 +5,9 @@ a document while it parses kills its parser. Parsing does not depend on the data
 these run on SQLite only."""
 
 import io
+import os
+import signal
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -14,6 +17,7 @@ import pytest
 
 from ragmesh.ingest.v1 import ingest_pb2
 from services.ingest.app import start
+from services.ingest.parsers import TEXT
 
 pytestmark = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 
@@ -150,6 +154,110 @@ async def test_deleting_a_document_kills_its_parse(make_settings, tmp_path, new_
             await client.call("DeleteDocument", document_id=hostile.document.id)
             # The delete returns once the work stopped: its parser is gone, not left running.
             assert not _alive(child.pid)
+            good = await client.ingest("good.txt", GOOD)
+            assert good.status == READY, good.error
+    finally:
+        await app.server.stop(0)
+        await app.close()
+
+
+def _cpu_ticks(pid: int) -> int:
+    """The process's user and system time so far, in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _killed(pid: int) -> None:
+    """SIGKILL, then block (the event loop with it) until the process is gone, so the pool
+    has had no chance to see it end."""
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(1000):
+        if not _alive(pid):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} outlived SIGKILL")
+
+
+async def test_an_idle_parser_killed_between_documents_is_replaced(
+    make_settings, tmp_path, new_client
+):
+    settings = make_settings(tmp_path, workers=1)
+    app = await start(settings)
+    parsers = app.workers._parsers
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}") as channel:
+            client = new_client(channel)
+            first = await client.ingest("first.txt", GOOD)
+            assert first.status == READY, first.error
+            (child,) = parsers._idle
+            # What the OOM killer or a stray signal does to a child waiting for work.
+            _killed(child.pid)
+            later = b"The next document, read by a fresh parser process."
+            document = await client.ingest("next.txt", later)
+            assert document.status == READY, document.error
+            text = await client.call("GetDocumentText", document_id=document.id)
+            assert text.text == later.decode()
+            (replacement,) = parsers._idle
+            assert replacement.pid != child.pid
+    finally:
+        await app.server.stop(0)
+        await app.close()
+
+
+async def test_a_dead_child_the_pool_hands_out_is_replaced_before_the_file_is_read(
+    make_settings, tmp_path
+):
+    app = await start(make_settings(tmp_path, workers=1))
+    parsers = app.workers._parsers
+    path = tmp_path / "note.txt"
+    path.write_text("A note parsed after its parser process died.")
+    try:
+        await parsers.parse(path, TEXT)
+        (child,) = parsers._idle
+        _killed(child.pid)
+        # The loop has not run since the kill: the pool still takes the child for alive,
+        # and only the child's silence tells it that it never read the request.
+        assert child.returncode is None
+        document = await parsers.parse(path, TEXT)
+        assert document.text == "A note parsed after its parser process died."
+        assert child.returncode == -signal.SIGKILL
+    finally:
+        await app.server.stop(0)
+        await app.close()
+
+
+async def test_a_parser_killed_while_it_reads_a_file_fails_that_file_once(
+    make_settings, tmp_path, new_client, eventually
+):
+    # A file that kills its parser is never read again: were it retried, the endless PDF
+    # would run into the time limit and fail with that reason instead.
+    settings = make_settings(tmp_path, workers=1, parse_timeout_seconds=120)
+    app = await start(settings)
+    parsers = app.workers._parsers
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}") as channel:
+            client = new_client(channel)
+            hostile = await client.upload("endless.pdf", _endless_pdf())
+
+            async def parsing() -> bool:
+                return bool(parsers._busy)
+
+            await eventually(parsing)
+            (child,) = parsers._busy
+            started = _cpu_ticks(child.pid)
+
+            async def reading() -> bool:
+                # The child answers that it has the request before it opens the file, so
+                # half a second of work means the file, not an idle child, is being killed.
+                return _cpu_ticks(child.pid) > started + os.sysconf("SC_CLK_TCK") // 2
+
+            await eventually(reading)
+            _killed(child.pid)
+            states = await client.watch(hostile.document.id)
+            assert states[-1].status == FAILED
+            assert "parser process stopped (signal SIGKILL) while reading the file" in (
+                states[-1].error
+            )
             good = await client.ingest("good.txt", GOOD)
             assert good.status == READY, good.error
     finally:
