@@ -6,6 +6,7 @@ from ragmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 from services.common.server import RunningServer, ServiceSpec, create_server
 from services.telemetry.gpu import load_nvml
 from services.telemetry.mesh import MeshProber
+from services.telemetry.peers import Peers
 from services.telemetry.servicer import TelemetryServicer
 from services.telemetry.settings import TelemetrySettings
 from services.telemetry.system import SystemReader
@@ -17,6 +18,7 @@ SERVICE_NAME = telemetry_pb2.DESCRIPTOR.services_by_name["TelemetryService"].ful
 class TelemetryApp:
     server: RunningServer
     prober: MeshProber
+    peers: Peers
 
     @property
     def port(self) -> int:
@@ -24,6 +26,7 @@ class TelemetryApp:
 
     async def close(self) -> None:
         await self.prober.close()
+        await self.peers.close()
 
 
 async def start(settings: TelemetrySettings, nvml=None) -> TelemetryApp:
@@ -32,7 +35,8 @@ async def start(settings: TelemetrySettings, nvml=None) -> TelemetryApp:
         nvml, _ = load_nvml()
     reader = SystemReader(settings, nvml)
     prober = MeshProber(settings.mesh_targets, settings.mesh_probe_timeout_seconds)
-    servicer = TelemetryServicer(settings, reader, prober)
+    peers = Peers(settings.peers, settings.mesh_probe_timeout_seconds, settings.peer_api_key)
+    servicer = TelemetryServicer(settings, reader, prober, peers)
     server = await create_server(
         settings,
         [
@@ -41,4 +45,4 @@ async def start(settings: TelemetrySettings, nvml=None) -> TelemetryApp:
             )
         ],
     )
-    return TelemetryApp(server, prober)
+    return TelemetryApp(server, prober, peers)

@@ -10,6 +10,7 @@ from google.protobuf.message_factory import GetMessageClass
 from ragmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 from services.common.errors import InvalidArgument
 from services.telemetry.mesh import MeshProber
+from services.telemetry.peers import PeerAnswer, Peers
 from services.telemetry.settings import TelemetrySettings
 from services.telemetry.system import SystemReader
 
@@ -41,10 +42,13 @@ def to_pb(value, message_class: type[Message]) -> Message:
 
 
 class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
-    def __init__(self, settings: TelemetrySettings, reader: SystemReader, prober: MeshProber):
+    def __init__(
+        self, settings: TelemetrySettings, reader: SystemReader, prober: MeshProber, peers: Peers
+    ):
         self._settings = settings
         self._reader = reader
         self._prober = prober
+        self._peers = peers
 
     async def _snapshot(self, skip_gpu_processes: bool) -> telemetry_pb2.SystemStatus:
         # psutil's CPU sampling sleeps and NVML calls block: keep them off the event loop.
@@ -70,7 +74,9 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
             await asyncio.sleep(interval)
 
     async def GetMeshStatus(self, request, context):
-        probes = await self._prober.probe_all()
+        probes, own, answers = await asyncio.gather(
+            self._prober.probe_all(), self._snapshot(False), self._peers.ask_all()
+        )
         services = []
         for probe in probes:
             health = telemetry_pb2.ServiceHealth(
@@ -81,4 +87,37 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
             if probe.metrics is not None:
                 health.metrics.CopyFrom(probe.metrics)
             services.append(health)
-        return telemetry_pb2.GetMeshStatusResponse(services=services)
+        return telemetry_pb2.GetMeshStatusResponse(services=services, nodes=_nodes(own, answers))
+
+
+def _nodes(
+    own: telemetry_pb2.SystemStatus, answers: list[PeerAnswer]
+) -> list[telemetry_pb2.NodeStatus]:
+    """This node first, then the other nodes by name, then the unreachable peers. A node
+    that answered twice (this one through the peers' DNS name, or by IPv4 and IPv6) is
+    listed once."""
+    reachable = telemetry_pb2.NodeStatus.STATE_REACHABLE
+    seen = {own.node_name}
+    others = []
+    for answer in answers:
+        if answer.status is None:
+            others.append(
+                telemetry_pb2.NodeStatus(
+                    name=answer.target,
+                    target=answer.target,
+                    state=telemetry_pb2.NodeStatus.STATE_UNREACHABLE,
+                    error=answer.error,
+                )
+            )
+        elif answer.status.node_name not in seen:
+            seen.add(answer.status.node_name)
+            node = telemetry_pb2.NodeStatus(
+                name=answer.status.node_name,
+                target=answer.target,
+                state=reachable,
+                system=answer.status,
+            )
+            node.latency.FromTimedelta(timedelta(seconds=answer.latency_seconds))
+            others.append(node)
+    others.sort(key=lambda node: (node.state != reachable, node.name))
+    return [telemetry_pb2.NodeStatus(name=own.node_name, state=reachable, system=own), *others]

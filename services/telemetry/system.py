@@ -99,6 +99,7 @@ class Snapshot:
     network: Network
     warnings: list[Alert]
     process_rss_bytes: int
+    node_name: str
 
 
 class SystemReader:
@@ -132,6 +133,7 @@ class SystemReader:
             network=_network(),
             warnings=[],
             process_rss_bytes=self._process.memory_info().rss,
+            node_name=self._settings.node_name,
         )
         snapshot.warnings = self.warnings_for(snapshot)
         return snapshot

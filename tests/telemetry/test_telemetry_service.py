@@ -1,12 +1,15 @@
-"""The telemetry service over real gRPC: snapshot values, watch stream, mesh view."""
+"""The telemetry service over real gRPC: snapshot values, watch stream, mesh view, the
+nodes of the mesh as its peers report them."""
 
 import asyncio
+import socket
 from types import SimpleNamespace
 
 import grpc
 import psutil
 import pytest
 from google.protobuf import duration_pb2
+from pydantic import ValidationError
 
 from ragmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 from services.telemetry import app as telemetry_app
@@ -20,7 +23,9 @@ async def telemetry(tmp_path):
     apps = []
 
     async def start(nvml=None, **overrides):
-        settings = TelemetrySettings(port=0, data_directories=[tmp_path], **overrides)
+        settings = TelemetrySettings(
+            **{"port": 0, "data_directories": [tmp_path], "mesh_targets": {}, **overrides}
+        )
         app = await telemetry_app.start(settings, nvml=nvml)
         apps.append(app)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
@@ -214,3 +219,103 @@ async def test_snapshots_do_not_block_the_event_loop(telemetry):
     task.cancel()
     # A blocked loop would tick once; a free one ticks throughout the 0.5 s sample.
     assert ticks > 10
+
+
+REACHABLE = telemetry_pb2.NodeStatus.STATE_REACHABLE
+UNREACHABLE = telemetry_pb2.NodeStatus.STATE_UNREACHABLE
+
+
+async def test_mesh_status_lists_every_peer_node_and_marks_dead_ones_unreachable_fake_gpus(
+    telemetry,
+):
+    """Three real telemetry servers, one with fake GPUs (no NVIDIA driver here); the one
+    asked names the other two, one of them twice (by a DNS name and by its address), a
+    port nothing listens on and a name that does not resolve."""
+    b, _ = await telemetry(node_name="node-b")
+    c, _ = await telemetry(node_name="node-c", nvml=FakeNvml(), disk_warning_percent=0.0)
+    _, stub = await telemetry(
+        node_name="node-a",
+        peers=[
+            f"127.0.0.1:{c.port}",
+            f"localhost:{b.port}",
+            f"127.0.0.1:{b.port}",
+            "127.0.0.1:1",
+            "no-such-node.invalid:50055",
+        ],
+        mesh_targets={"peer": f"127.0.0.1:{b.port}"},
+        mesh_probe_timeout_seconds=1.0,
+    )
+    response = await stub.GetMeshStatus(telemetry_pb2.GetMeshStatusRequest())
+    nodes = list(response.nodes)
+    assert [n.name for n in nodes] == [
+        "node-a",
+        "node-b",
+        "node-c",
+        "127.0.0.1:1",
+        "no-such-node.invalid:50055",
+    ]
+    assert [n.state for n in nodes] == [REACHABLE] * 3 + [UNREACHABLE] * 2
+    own, node_b, node_c, dead, unknown = nodes
+    # The node asked reports itself, read locally.
+    assert own.target == "" and own.system.node_name == "node-a"
+    assert not own.HasField("latency") and own.error == ""
+    for node in (own, node_b, node_c):
+        assert node.system.cpu.logical_cores == psutil.cpu_count()
+        assert node.system.memory.total_bytes == psutil.virtual_memory().total
+        assert node.system.disks
+    assert node_b.target == f"127.0.0.1:{b.port}"
+    assert node_b.latency.ToNanoseconds() > 0
+    assert list(node_b.system.gpus) == [] and node_b.system.gpu_unavailable_reason
+    assert node_c.target == f"127.0.0.1:{c.port}"
+    assert [g.uuid for g in node_c.system.gpus] == ["GPU-0000", "GPU-0001"]
+    assert {"DISK_NEARLY_FULL", "GPU_HOT"} <= {w.code for w in node_c.system.warnings}
+    assert not any(w.code == "GPU_HOT" for w in node_b.system.warnings)
+    for node in (dead, unknown):
+        assert not node.HasField("system") and not node.HasField("latency")
+    assert dead.target == "127.0.0.1:1" and dead.error.startswith("UNAVAILABLE")
+    assert "no-such-node.invalid does not resolve" in unknown.error
+    # The services are still probed alongside.
+    (service,) = response.services
+    assert service.state == telemetry_pb2.ServiceHealth.STATE_SERVING
+
+
+async def test_mesh_status_without_peers_lists_this_node(telemetry):
+    _, stub = await telemetry()
+    (node,) = (await stub.GetMeshStatus(telemetry_pb2.GetMeshStatusRequest())).nodes
+    assert node.state == REACHABLE and node.name == socket.gethostname()
+    assert node.system.hostname == socket.gethostname()
+
+
+async def test_peers_get_the_services_own_key_else_the_callers(telemetry):
+    keys = {"user-key": "alice:acme", "peer-key": "telemetry:acme"}
+    b, _ = await telemetry(node_name="node-b", api_keys=keys)
+    user = (("authorization", "Bearer user-key"),)
+
+    async def node_b_as_seen(**settings) -> telemetry_pb2.NodeStatus:
+        _, stub = await telemetry(
+            node_name="node-a", api_keys=keys, peers=[f"127.0.0.1:{b.port}"], **settings
+        )
+        response = await stub.GetMeshStatus(telemetry_pb2.GetMeshStatusRequest(), metadata=user)
+        return response.nodes[1]
+
+    assert (await node_b_as_seen(peer_api_key="peer-key")).state == REACHABLE
+    refused = await node_b_as_seen(peer_api_key="not-a-key")
+    assert refused.state == UNREACHABLE and refused.name == f"127.0.0.1:{b.port}"
+    assert refused.error.startswith("UNAUTHENTICATED")
+    # Without a key of its own, the caller's is forwarded.
+    assert (await node_b_as_seen()).system.node_name == "node-b"
+
+
+async def test_node_name_comes_from_node_name_else_the_hostname(monkeypatch):
+    monkeypatch.delenv("NODE_NAME", raising=False)
+    assert TelemetrySettings().node_name == socket.gethostname()
+    monkeypatch.setenv("NODE_NAME", "gpu-node-7")
+    assert TelemetrySettings().node_name == "gpu-node-7"
+    monkeypatch.setenv("RAGMESH_TELEMETRY_PEERS", '["telemetry-peers:50055", "[::1]:50055"]')
+    assert TelemetrySettings().peers == ["telemetry-peers:50055", "[::1]:50055"]
+
+
+@pytest.mark.parametrize("peer", ["telemetry", "telemetry:", ":50055", "telemetry:http", "a:0"])
+async def test_a_peer_without_host_and_port_stops_the_service_at_start(peer):
+    with pytest.raises(ValidationError, match="is not host:port"):
+        TelemetrySettings(peers=[peer])

@@ -43,13 +43,39 @@ class GetMeshStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetMeshStatusResponse(_message.Message):
-    __slots__ = ("services",)
+    __slots__ = ("services", "nodes")
     SERVICES_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
     services: _containers.RepeatedCompositeFieldContainer[ServiceHealth]
-    def __init__(self, services: _Optional[_Iterable[_Union[ServiceHealth, _Mapping]]] = ...) -> None: ...
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
+    def __init__(self, services: _Optional[_Iterable[_Union[ServiceHealth, _Mapping]]] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ...) -> None: ...
+
+class NodeStatus(_message.Message):
+    __slots__ = ("name", "target", "state", "system", "latency", "error")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[NodeStatus.State]
+        STATE_REACHABLE: _ClassVar[NodeStatus.State]
+        STATE_UNREACHABLE: _ClassVar[NodeStatus.State]
+    STATE_UNSPECIFIED: NodeStatus.State
+    STATE_REACHABLE: NodeStatus.State
+    STATE_UNREACHABLE: NodeStatus.State
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SYSTEM_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    target: str
+    state: NodeStatus.State
+    system: SystemStatus
+    latency: _duration_pb2.Duration
+    error: str
+    def __init__(self, name: _Optional[str] = ..., target: _Optional[str] = ..., state: _Optional[_Union[NodeStatus.State, str]] = ..., system: _Optional[_Union[SystemStatus, _Mapping]] = ..., latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class SystemStatus(_message.Message):
-    __slots__ = ("time", "hostname", "boot_time", "uptime", "cpu", "memory", "swap", "disks", "gpus", "gpu_unavailable_reason", "temperatures", "network", "warnings", "process_rss_bytes")
+    __slots__ = ("time", "hostname", "boot_time", "uptime", "cpu", "memory", "swap", "disks", "gpus", "gpu_unavailable_reason", "temperatures", "network", "warnings", "process_rss_bytes", "node_name")
     TIME_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     BOOT_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +90,7 @@ class SystemStatus(_message.Message):
     NETWORK_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
     PROCESS_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     time: _timestamp_pb2.Timestamp
     hostname: str
     boot_time: _timestamp_pb2.Timestamp
@@ -78,7 +105,8 @@ class SystemStatus(_message.Message):
     network: NetworkStatus
     warnings: _containers.RepeatedCompositeFieldContainer[Warning]
     process_rss_bytes: int
-    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., hostname: _Optional[str] = ..., boot_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uptime: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cpu: _Optional[_Union[CpuStatus, _Mapping]] = ..., memory: _Optional[_Union[MemoryStatus, _Mapping]] = ..., swap: _Optional[_Union[SwapStatus, _Mapping]] = ..., disks: _Optional[_Iterable[_Union[DiskStatus, _Mapping]]] = ..., gpus: _Optional[_Iterable[_Union[GpuStatus, _Mapping]]] = ..., gpu_unavailable_reason: _Optional[str] = ..., temperatures: _Optional[_Iterable[_Union[TemperatureSensor, _Mapping]]] = ..., network: _Optional[_Union[NetworkStatus, _Mapping]] = ..., warnings: _Optional[_Iterable[_Union[Warning, _Mapping]]] = ..., process_rss_bytes: _Optional[int] = ...) -> None: ...
+    node_name: str
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., hostname: _Optional[str] = ..., boot_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uptime: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cpu: _Optional[_Union[CpuStatus, _Mapping]] = ..., memory: _Optional[_Union[MemoryStatus, _Mapping]] = ..., swap: _Optional[_Union[SwapStatus, _Mapping]] = ..., disks: _Optional[_Iterable[_Union[DiskStatus, _Mapping]]] = ..., gpus: _Optional[_Iterable[_Union[GpuStatus, _Mapping]]] = ..., gpu_unavailable_reason: _Optional[str] = ..., temperatures: _Optional[_Iterable[_Union[TemperatureSensor, _Mapping]]] = ..., network: _Optional[_Union[NetworkStatus, _Mapping]] = ..., warnings: _Optional[_Iterable[_Union[Warning, _Mapping]]] = ..., process_rss_bytes: _Optional[int] = ..., node_name: _Optional[str] = ...) -> None: ...
 
 class CpuStatus(_message.Message):
     __slots__ = ("usage_percent", "per_core_usage_percent", "logical_cores", "physical_cores", "current_frequency_mhz", "max_frequency_mhz", "load_average_1m", "load_average_5m", "load_average_15m")

@@ -84,6 +84,11 @@ class TelemetryServiceServicer:
         its MetricsService (see metrics.proto). A service that does not
         answer within the probe timeout (default 2 s) is reported UNREACHABLE; the
         RPC itself still succeeds.
+        It also lists every node: this service's own, then one per peer telemetry
+        service (the `peers` setting, each name resolved again on every call, so a
+        DNS name listing every telemetry pod gives every node), each asked for its
+        GetSystemStatus. A peer that does not answer within the probe timeout is
+        listed UNREACHABLE with the reason; the RPC itself still succeeds.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
