@@ -124,11 +124,14 @@ class ProcessMesh:
                 tail = self.log(name).read_text(errors="replace")[-3000:]
                 raise RuntimeError(f"{name} did not start: {exc}\n{tail}") from exc
 
-    async def kill(self, name: str) -> None:
-        """SIGKILL: no drain, no cleanup, as a crash or the OOM killer stops it."""
+    async def kill(self, name: str) -> list[psutil.Process]:
+        """SIGKILL: no drain, no cleanup, as a crash or the OOM killer stops it. Returns
+        the processes the service had started (a caller checks they go with it)."""
         process = self.processes.pop(name)
+        children = psutil.Process(process.pid).children(recursive=True)
         process.send_signal(signal.SIGKILL)
         await process.wait()
+        return children
 
     async def stop(self, name: str) -> None:
         """SIGTERM, as an orchestrator stops it: the service drains and closes."""

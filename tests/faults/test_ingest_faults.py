@@ -7,6 +7,7 @@ import random
 
 import grpc
 import numpy as np
+import psutil
 from harness import ingest_stub, upload, wait_for_status, wait_until_finished
 from sqlalchemy import select
 from sqlalchemy.orm import undefer
@@ -131,7 +132,11 @@ async def test_ingest_killed_while_parsing_and_while_embedding_loses_and_doubles
     async with ingest_stub(mesh) as stub:
         ids = {name: await upload(stub, name, data) for name, data in files.items()}
         await wait_for_status(stub, ids["slow.html"], {ingest_pb2.DOCUMENT_STATUS_PARSING})
-    await mesh.kill("ingest")
+    children = await mesh.kill("ingest")
+    # The parser child reading slow.html goes with the service, it is not left running.
+    assert children
+    _, alive = await asyncio.to_thread(psutil.wait_procs, children, 10)
+    assert not alive, alive
 
     await mesh.start("ingest")
     async with ingest_stub(mesh) as stub:
