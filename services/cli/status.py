@@ -16,7 +16,12 @@ from ragmesh.telemetry.v1 import telemetry_pb2
 from services.cli.output import JsonFlag, add_row, console, print_json, size, table, to_dict, when
 
 SEVERITY_STYLES = {"CRITICAL": "bold red", "WARNING": "yellow", "INFO": "cyan"}
-STATE_STYLES = {"SERVING": "green", "NOT_SERVING": "yellow", "UNREACHABLE": "red"}
+STATE_STYLES = {
+    "SERVING": "green",
+    "REACHABLE": "green",
+    "NOT_SERVING": "yellow",
+    "UNREACHABLE": "red",
+}
 
 
 def _bar(percent: float) -> Table:
@@ -34,11 +39,13 @@ def _uptime(duration: duration_pb2.Duration) -> str:
 
 
 def render(system: telemetry_pb2.SystemStatus, mesh: telemetry_pb2.GetMeshStatusResponse):
-    """The whole view: host, CPU, memory, disks, GPUs, warnings, the mesh and its figures."""
+    """The whole view: host, CPU, memory, disks, GPUs, warnings, every node, the mesh and
+    its figures."""
     cpu, memory, swap = system.cpu, system.memory, system.swap
     parts = [
         Text.assemble(
             (system.hostname, "bold"),
+            f" on node {system.node_name}" if system.node_name != system.hostname else "",
             (f"  up {_uptime(system.uptime)} · {when(system.time)}", "dim"),
         )
     ]
@@ -106,6 +113,7 @@ def render(system: telemetry_pb2.SystemStatus, mesh: telemetry_pb2.GetMeshStatus
             )
         )
 
+    parts.append(_nodes(mesh))
     services = table("SERVICE", "TARGET", "STATE", "LATENCY", "")
     for service in mesh.services:
         state = telemetry_pb2.ServiceHealth.State.Name(service.state).removeprefix("STATE_")
@@ -121,6 +129,41 @@ def render(system: telemetry_pb2.SystemStatus, mesh: telemetry_pb2.GetMeshStatus
     parts.append(services)
     parts.extend(_figures(mesh))
     return Group(*parts)
+
+
+def _nodes(mesh: telemetry_pb2.GetMeshStatusResponse) -> Table:
+    """One row per node: its CPU, memory, fullest disk, GPUs and warnings, or why its
+    telemetry service did not answer."""
+    nodes = table("NODE", "STATE", "CPU", "MEMORY", "FULLEST DISK", "GPUS", "WARNINGS")
+    for node in mesh.nodes:
+        state = telemetry_pb2.NodeStatus.State.Name(node.state).removeprefix("STATE_")
+        cells = [node.name, Text(state, style=STATE_STYLES.get(state, ""))]
+        if not node.HasField("system"):
+            add_row(nodes, *cells, "", "", "", "", Text(node.error, style="red"))
+            continue
+        system = node.system
+        fullest = max(system.disks, key=lambda disk: disk.used_percent, default=None)
+        gpus = "none"
+        if system.gpus:
+            busy = sum(gpu.utilization_percent for gpu in system.gpus) / len(system.gpus)
+            models = {gpu.name for gpu in system.gpus}
+            kind = models.pop() if len(models) == 1 else "GPUs"
+            gpus = f"{len(system.gpus)} x {kind}, {busy:.0f}% busy"
+        worst = max((warning.severity for warning in system.warnings), default=0)
+        severity = telemetry_pb2.Warning.Severity.Name(worst).removeprefix("SEVERITY_")
+        add_row(
+            nodes,
+            *cells,
+            f"{system.cpu.usage_percent:.0f}% of {system.cpu.logical_cores} cores",
+            f"{system.memory.used_percent:.0f}% of {size(system.memory.total_bytes)}",
+            f"{fullest.used_percent:.0f}% {fullest.mountpoint}" if fullest else "",
+            gpus,
+            Text(
+                ", ".join(warning.code for warning in system.warnings),
+                style=SEVERITY_STYLES.get(severity, ""),
+            ),
+        )
+    return nodes
 
 
 def _ms(value: float) -> str:
@@ -169,8 +212,8 @@ def status(
     ] = 2.0,
     json_: JsonFlag = False,
 ) -> None:
-    """The host (CPU, memory, disks, GPUs, warnings), the health of every service, its
-    calls per RPC (errors, latencies) and its model queue."""
+    """The host (CPU, memory, disks, GPUs, warnings), every node of the mesh, the health
+    of every service, its calls per RPC (errors, latencies) and its model queue."""
     mesh = ctx.obj
     stub = mesh.stub("telemetry")
     as_json = json_ or mesh.json
