@@ -223,3 +223,38 @@ async def test_embed_killed_mid_batch_direct_callers_get_unavailable_and_ingest_
     by_index = {row.index: np.frombuffer(row.vector, dtype=np.float32) for row in rows}
     for index, vector in enumerate(reference.embeddings):
         assert float(np.dot(by_index[index], np.asarray(vector.values))) > 0.999, index
+
+
+async def test_ingest_killed_mid_upload_keeps_no_part_of_it(mesh):
+    await mesh.start("ingest")
+    parts = mesh.root / "ingest" / "blobs" / "tmp"
+    async with ingest_stub(mesh) as stub:
+        call = stub.UploadDocument(timeout=60)
+        await call.write(
+            ingest_pb2.UploadDocumentRequest(
+                metadata=ingest_pb2.DocumentMetadata(filename="half.md")
+            )
+        )
+        await call.write(ingest_pb2.UploadDocumentRequest(data=prose(3, 20_000)))
+        # The service has the first bytes on disk: the upload is half done.
+        async with asyncio.timeout(30):
+            while True:
+                if any(p.stat().st_size for p in parts.glob("*.part")):
+                    break
+                await asyncio.sleep(0.05)
+        await mesh.kill("ingest")
+        try:
+            await call
+            raise AssertionError("an upload cut short by a crash was accepted")
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+
+    await mesh.start("ingest")
+    async with ingest_stub(mesh) as stub:
+        assert await all_documents(stub) == []
+        whole = await upload(stub, "whole.md", prose(4, 300))
+        finished = await wait_until_finished(stub, [whole])
+        assert finished[whole].status == ingest_pb2.DOCUMENT_STATUS_READY
+    assert list(parts.iterdir()) == [], "the cut-short upload's bytes are still on disk"
+    blobs = [p.name for p in (mesh.root / "ingest" / "blobs").glob("*/*") if p.parent != parts]
+    assert blobs == [whole]
