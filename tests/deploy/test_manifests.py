@@ -157,6 +157,13 @@ def api_keys(secrets: dict[str, dict[str, str]], name: str) -> dict[str, str]:
     return json.loads(own_secret(secrets, name)[f"RAGMESH_{name.upper()}_API_KEYS"])
 
 
+def user_keys(secrets: dict[str, dict[str, str]], name: str) -> dict[str, str]:
+    """A service's API keys less its peer key (the key telemetry pods send each other)."""
+    keys = api_keys(secrets, name)
+    own = own_secret(secrets, name).get(f"RAGMESH_{name.upper()}_PEER_API_KEY")
+    return {key: principal for key, principal in keys.items() if key != own}
+
+
 def settings_class_of(name: str) -> type[ServiceSettings]:
     module = importlib.import_module(f"services.{name}.settings")
     (settings_class,) = (
@@ -434,6 +441,7 @@ def test_no_credential_reaches_a_pod_that_does_not_need_it(overlay, secrets):
         postgres: {"ingest", "sessions"} | stores & {"postgres"},
         qdrant: {"ingest", "sessions"} | stores & {"qdrant"},
         **{key: set(USER_FACING) for key in api_keys(secrets, "ingest")},
+        own_secret(secrets, "telemetry")["RAGMESH_TELEMETRY_PEER_API_KEY"]: {"telemetry"},
     }
     for caller in EMBED_CALLERS:
         needs[own_secret(secrets, caller)[f"RAGMESH_{caller.upper()}_EMBED_API_KEY"]] = {
@@ -454,7 +462,7 @@ def test_no_credential_reaches_a_pod_that_does_not_need_it(overlay, secrets):
 
 def test_user_keys_are_the_same_wherever_a_users_call_reaches(secrets):
     """The same keys and principals in ingest, llm, sessions and telemetry; admin only in llm."""
-    keys = {name: api_keys(secrets, name) for name in USER_FACING}
+    keys = {name: user_keys(secrets, name) for name in USER_FACING}
     for name in USER_FACING:
         assert set(keys[name]) == set(keys["ingest"]), name
         for key, value in keys[name].items():
@@ -482,6 +490,15 @@ def test_services_that_call_embed_send_a_key_embed_accepts(overlay, secrets):
     assert set(accepted) == set(sent.values())
 
 
+def test_telemetry_pods_send_their_peers_a_key_they_accept(secrets):
+    """Each telemetry pod asks the others for their node's snapshot with its own key."""
+    telemetry = own_secret(secrets, "telemetry")
+    sent = telemetry["RAGMESH_TELEMETRY_PEER_API_KEY"]
+    principal = parse_principal(api_keys(secrets, "telemetry")[sent])
+    assert principal.subject == "telemetry" and principal.tenant and not principal.scopes
+    assert sent not in api_keys(secrets, "ingest")
+
+
 # -- Settings ---------------------------------------------------------------------------
 
 
@@ -505,7 +522,7 @@ def test_every_upstream_the_code_names_is_configured(overlay, name):
     fields = settings_class_of(name).model_fields
     prefix = f"RAGMESH_{name.upper()}_"
     for field in fields:
-        if field.endswith("_target") or field == "mesh_targets":
+        if field.endswith("_target") or field in ("mesh_targets", "peers"):
             assert prefix + field.upper() in overlay.config, field
 
 
@@ -627,6 +644,16 @@ def test_telemetry_runs_on_every_node_and_reads_the_host_read_only(overlay):
     assert mesh["telemetry"] == f"localhost:{PORTS['telemetry']}"
     for name, target in mesh.items():
         assert target.endswith(f":{PORTS[name]}"), name
+    # Each pod names its node and asks every other telemetry pod, ready or not, for its
+    # node's snapshot: the mesh view lists every node.
+    (node_name,) = [v for v in container(telemetry)["env"] if v["name"] == "NODE_NAME"]
+    assert node_name["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    (peers,) = json.loads(overlay.config["RAGMESH_TELEMETRY_PEERS"])
+    host, port = peers.split(":")
+    service = overlay[("Service", host)]
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"]
+    assert service["spec"]["selector"].items() <= pod_labels(telemetry).items()
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(int(port), "grpc")]
 
 
 # -- Scaling and disruptions ---------------------------------------------------------------
@@ -811,9 +838,17 @@ def allows(overlay: Rendered, source: dict, target: dict, port: int) -> bool:
 
 
 def upstreams_the_code_names(overlay: Rendered, secrets) -> set[tuple[str, str, int]]:
-    """(caller, service name, port) for every in-cluster address a pod is configured with."""
+    """(caller, workload, port) for every in-cluster address a pod is configured with."""
     services = {name: doc for name, doc in overlay.of_kind("Service").items()}
     edges = set()
+
+    def workload_of(service: dict) -> str:
+        (name,) = [
+            name
+            for name, workload in overlay.workloads.items()
+            if service["spec"]["selector"].items() <= pod_labels(workload).items()
+        ]
+        return name
 
     def add(caller: str, address: str) -> None:
         if "://" in address:
@@ -826,7 +861,7 @@ def upstreams_the_code_names(overlay: Rendered, secrets) -> set[tuple[str, str, 
             return
         if host in services:
             assert port in [p["port"] for p in services[host]["spec"]["ports"]], address
-            edges.add((caller, host, port))
+            edges.add((caller, workload_of(services[host]), port))
         else:
             # Only the databases may live outside the cluster.
             assert not overlay.databases_inside and port in DATABASES.values(), address
@@ -843,6 +878,9 @@ def upstreams_the_code_names(overlay: Rendered, secrets) -> set[tuple[str, str, 
                     add(name, value)
             elif field.endswith("_targets"):
                 for address in json.loads(value).values():
+                    add(name, address)
+            elif field == "peers":
+                for address in json.loads(value):
                     add(name, address)
     for cluster in yaml.safe_load((ENVOY / "envoy.yaml").read_text())["static_resources"][
         "clusters"
@@ -872,7 +910,7 @@ def test_network_policies_allow_exactly_the_calls_the_code_makes(overlay, secret
         for source in labels
         for target in labels
         for port in ports[target]
-        if source != target and allows(overlay, labels[source], labels[target], port)
+        if allows(overlay, labels[source], labels[target], port)
     }
     expected = upstreams_the_code_names(overlay, secrets)
     assert allowed == expected
@@ -883,6 +921,8 @@ def test_network_policies_allow_exactly_the_calls_the_code_makes(overlay, secret
         ("sessions", "llm", 50053),
         ("ingest", "embed", 50052),
         *(("telemetry", name, PORTS[name]) for name in PORTS if name != "telemetry"),
+        # Between the pods of the DaemonSet, one per node.
+        ("telemetry", "telemetry", PORTS["telemetry"]),
     ]:
         assert edge in allowed, edge
     data_owners = {source for source, target, _ in allowed if target in DATABASES}
