@@ -26,35 +26,31 @@ class ServiceProbe:
 
 
 class MeshProber:
-    """Keeps one channel per service and checks them all concurrently."""
+    """Keeps one channel per service and checks them all concurrently. A service that
+    did not answer gets a fresh channel for the next check: the old one would wait out
+    gRPC's reconnect backoff (up to 2 minutes) before it tried a service that is back."""
 
     def __init__(self, targets: dict[str, str], timeout_seconds: float) -> None:
         self._timeout = timeout_seconds
-        self._channels = {name: open_channel(target) for name, target in targets.items()}
-        self._stubs = {
-            name: (
-                target,
-                health_pb2_grpc.HealthStub(self._channels[name]),
-                metrics_pb2_grpc.MetricsServiceStub(self._channels[name]),
-            )
-            for name, target in sorted(targets.items())
-        }
+        self._targets = dict(sorted(targets.items()))
+        self._channels = {name: open_channel(target) for name, target in self._targets.items()}
 
     async def probe_all(self) -> list[ServiceProbe]:
-        return list(
-            await asyncio.gather(
-                *(self._probe(name, *stubs) for name, stubs in self._stubs.items())
-            )
-        )
+        return list(await asyncio.gather(*(self._probe(name) for name in self._targets)))
 
-    async def _probe(self, name: str, target: str, health, metrics) -> ServiceProbe:
-        figures = asyncio.create_task(self._metrics(metrics))
+    async def _probe(self, name: str) -> ServiceProbe:
+        target, channel = self._targets[name], self._channels[name]
+        health = health_pb2_grpc.HealthStub(channel)
+        figures = asyncio.create_task(self._metrics(metrics_pb2_grpc.MetricsServiceStub(channel)))
         started = time.perf_counter()
         try:
             # The service name "" asks for the server's overall health.
             response = await health.Check(health_pb2.HealthCheckRequest(), timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
             figures.cancel()
+            if self._channels[name] is channel:
+                self._channels[name] = open_channel(target)
+                await channel.close()
             return ServiceProbe(
                 name, target, UNREACHABLE, None, f"{exc.code().name}: {exc.details()}"
             )

@@ -30,7 +30,7 @@ class PeerAnswer:
 
 class Peers:
     """Keeps one channel per resolved peer address, opened when the address first appears
-    and closed when it is gone from DNS."""
+    and closed when it is gone from DNS or its peer did not answer."""
 
     def __init__(self, peers: list[str], timeout_seconds: float, api_key: str) -> None:
         self._peers = list(peers)
@@ -46,8 +46,8 @@ class Peers:
             if error:
                 answers.append(PeerAnswer(peer, None, None, error))
             addresses.extend(a for a in found if a not in addresses)
-        await self._keep_channels_for(addresses)
-        answers.extend(await asyncio.gather(*(self._ask(address) for address in addresses)))
+        stubs = await self._keep_channels_for(addresses)
+        answers.extend(await asyncio.gather(*(self._ask(a, stubs[a]) for a in addresses)))
         return answers
 
     async def _resolve(self, peer: str) -> tuple[list[str], str]:
@@ -75,10 +75,10 @@ class Peers:
                 addresses.append(address)
         return addresses, ""
 
-    async def _keep_channels_for(self, addresses: list[str]) -> None:
+    async def _keep_channels_for(self, addresses: list[str]) -> dict[str, Stub]:
         for gone in set(self._channels) - set(addresses):
-            channel, _ = self._channels.pop(gone)
-            await channel.close()
+            if (entry := self._channels.pop(gone, None)) is not None:
+                await entry[0].close()
         for address in addresses:
             if address not in self._channels:
                 # The service's own key when one is set; otherwise the caller's.
@@ -88,19 +88,22 @@ class Peers:
                     api_key=self._api_key,
                     forward_caller=False,
                 )
-                self._channels[address] = (
-                    channel,
-                    telemetry_pb2_grpc.TelemetryServiceStub(channel),
-                )
+                self._channels[address] = (channel, Stub(channel))
+        return {address: self._channels[address][1] for address in addresses}
 
-    async def _ask(self, address: str) -> PeerAnswer:
-        _, stub = self._channels[address]
+    async def _ask(self, address: str, stub: Stub) -> PeerAnswer:
         started = time.perf_counter()
         try:
             response = await stub.GetSystemStatus(
                 telemetry_pb2.GetSystemStatusRequest(), timeout=self._timeout
             )
         except grpc.aio.AioRpcError as exc:
+            # A fresh channel next time: this one would wait out gRPC's reconnect backoff
+            # (up to 2 minutes) before it tried a peer that has come back.
+            channel, current = self._channels.get(address, (None, None))
+            if current is stub:
+                del self._channels[address]
+                await channel.close()
             return PeerAnswer(address, None, None, f"{exc.code().name}: {exc.details()}")
         return PeerAnswer(address, response.status, time.perf_counter() - started, "")
 

@@ -286,6 +286,40 @@ async def test_mesh_status_without_peers_lists_this_node(telemetry):
     assert node.system.hostname == socket.gethostname()
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def test_a_service_that_comes_back_is_serving_on_the_next_call(telemetry):
+    port = free_port()
+    _, stub = await telemetry(
+        mesh_targets={"late": f"127.0.0.1:{port}"}, mesh_probe_timeout_seconds=0.5
+    )
+    for _ in range(3):  # long enough down for gRPC's reconnect backoff to grow
+        (before,) = (await stub.GetMeshStatus(telemetry_pb2.GetMeshStatusRequest())).services
+        assert before.state == telemetry_pb2.ServiceHealth.STATE_UNREACHABLE
+    await telemetry(port=port)
+    (after,) = (await stub.GetMeshStatus(telemetry_pb2.GetMeshStatusRequest())).services
+    assert after.state == telemetry_pb2.ServiceHealth.STATE_SERVING
+
+
+async def test_a_peer_that_comes_up_is_listed_on_the_next_call(telemetry):
+    port = free_port()
+    _, stub = await telemetry(
+        node_name="node-a", peers=[f"127.0.0.1:{port}"], mesh_probe_timeout_seconds=0.5
+    )
+    before = (await stub.GetMeshStatus(telemetry_pb2.GetMeshStatusRequest())).nodes
+    assert [(n.name, n.state) for n in before] == [
+        ("node-a", REACHABLE),
+        (f"127.0.0.1:{port}", UNREACHABLE),
+    ]
+    await telemetry(node_name="node-b", port=port)
+    after = (await stub.GetMeshStatus(telemetry_pb2.GetMeshStatusRequest())).nodes
+    assert [(n.name, n.state) for n in after] == [("node-a", REACHABLE), ("node-b", REACHABLE)]
+
+
 async def test_peers_get_the_services_own_key_else_the_callers(telemetry):
     keys = {"user-key": "alice:acme", "peer-key": "telemetry:acme"}
     b, _ = await telemetry(node_name="node-b", api_keys=keys)
