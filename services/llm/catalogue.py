@@ -198,11 +198,31 @@ def _package_entries() -> list[ModelEntry]:
     ]
 
 
+# What a filesystem looks up: longer names fail with ENAMETOOLONG, a NUL byte never works.
+_MAX_NAME_BYTES = 255
+_MAX_PATH_BYTES = 4096
+
+
+def _check_path_text(value: str, field: str) -> None:
+    encoded = value.encode()
+    too_long = len(encoded) > _MAX_PATH_BYTES or any(
+        len(part) > _MAX_NAME_BYTES for part in encoded.split(b"/")
+    )
+    if too_long or b"\0" in encoded:
+        raise InvalidArgument(
+            f"{field} is no usable path: at most {_MAX_PATH_BYTES} bytes, "
+            f"{_MAX_NAME_BYTES} per name, and no NUL character",
+            field=field,
+        )
+
+
 def resolve(model: str, gguf_file: str, models_dir: Path, roots: list[Path]) -> ResolvedModel:
     """Maps a catalogue id, local path or Hub id to what to load, refusing paths outside roots."""
     model = model.strip()
     if not model:
         raise InvalidArgument("options.model is required", field="options.model")
+    _check_path_text(model, "options.model")
+    _check_path_text(gguf_file, "options.gguf_file")
     if model in (DEFAULT_MODEL_NAME, PACKAGE_ID):
         gguf = packaged_gguf()
         if gguf is not None:
