@@ -105,6 +105,11 @@ class Directory:
             checks.append(self._llm.check_model(fields.model))
         await asyncio.gather(*checks)
 
+    async def check_documents(self, document_ids: list[str]) -> None:
+        """For a message's own documents: at most MAX_DOCUMENTS, each one of the caller's."""
+        _check_fields(SessionFields(document_ids=document_ids), {"document_ids"})
+        await self._check_documents(list(dict.fromkeys(document_ids)))
+
     async def _check_documents(self, document_ids: list[str]) -> None:
         missing = await self._ingest.missing_documents(document_ids)
         if missing:

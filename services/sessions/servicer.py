@@ -164,12 +164,8 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServiceServicer):
             page_token=request.page_token,
             tag=request.tag,
             model=request.model,
-            exchanged_after=request.last_exchange_after.ToDatetime(tzinfo=dt.UTC)
-            if request.HasField("last_exchange_after")
-            else None,
-            exchanged_before=request.last_exchange_before.ToDatetime(tzinfo=dt.UTC)
-            if request.HasField("last_exchange_before")
-            else None,
+            exchanged_after=_time(request, "last_exchange_after"),
+            exchanged_before=_time(request, "last_exchange_before"),
         )
         return sessions_pb2.ListSessionsResponse(
             sessions=[session_to_pb(r) for r in rows], next_page_token=token
@@ -219,6 +215,8 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServiceServicer):
         check_turn(
             request.content, document_top_k, memory_top_k, request.client_request_id, overrides
         )
+        if request.document_ids:
+            await self._directory.check_documents(list(request.document_ids))
         turn = Turn(
             tenant=current_tenant(),
             session_id=request.session_id,
@@ -266,3 +264,13 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServiceServicer):
 def _require(value: str, field: str) -> None:
     if not value:
         raise InvalidArgument(f"{field} is required", field=field)
+
+
+def _time(request, field: str) -> dt.datetime | None:
+    """The timestamp field as a datetime; None when unset."""
+    if not request.HasField(field):
+        return None
+    try:
+        return getattr(request, field).ToDatetime(tzinfo=dt.UTC)
+    except ValueError as exc:
+        raise InvalidArgument(f"{field} is not a valid timestamp: {exc}", field=field) from exc

@@ -156,8 +156,11 @@ class SessionsServiceServicer:
         finish reason CANCELLED; if the llm fails mid-answer the partial answer is
         stored with FINISH_REASON_ERROR and the stream ends with the error. A retry
         with the same client_request_id streams the stored exchange again.
-        Errors: NOT_FOUND for the session; INVALID_ARGUMENT for empty content or bad
-        overrides; UNAVAILABLE when the llm service cannot be reached and
+        Errors: NOT_FOUND for the session, or (reason DOCUMENTS_NOT_FOUND, as
+        CreateSession) for a document id that is not one of the caller's;
+        INVALID_ARGUMENT for empty content, bad overrides or more than 100 document
+        ids; UNAVAILABLE when ingest cannot check the ids or the llm service cannot
+        be reached, and
         FAILED_PRECONDITION when it has no model ready (the user message is kept, no
         assistant message is stored).
         """
