@@ -7,7 +7,13 @@ import uuid
 from dataclasses import dataclass, field
 
 from services.common.database import Database, utcnow
-from services.common.errors import InvalidArgument, NotFound, ServiceError
+from services.common.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ServiceError,
+    Unavailable,
+)
 from services.common.pages import bad_page_token, decode_page_token, encode_page_token, page_size
 from services.common.text import Analyzer
 from services.sessions import storage
@@ -106,9 +112,16 @@ class Directory:
         await asyncio.gather(*checks)
 
     async def check_documents(self, document_ids: list[str]) -> None:
-        """For a message's own documents: at most MAX_DOCUMENTS, each one of the caller's."""
+        """For a message's own documents: at most MAX_DOCUMENTS, each one of the caller's.
+
+        While ingest cannot answer, the message goes on: its retrieval is skipped then
+        (INGEST_UNAVAILABLE), and ingest's search never returns another tenant's chunks.
+        """
         _check_fields(SessionFields(document_ids=document_ids), {"document_ids"})
-        await self._check_documents(list(dict.fromkeys(document_ids)))
+        try:
+            await self._check_documents(list(dict.fromkeys(document_ids)))
+        except (Unavailable, DeadlineExceeded) as exc:
+            _LOGGER.warning("document ids of a message left unchecked: %s", exc.message)
 
     async def _check_documents(self, document_ids: list[str]) -> None:
         missing = await self._ingest.missing_documents(document_ids)

@@ -157,10 +157,10 @@ class SessionsServiceServicer:
         stored with FINISH_REASON_ERROR and the stream ends with the error. A retry
         with the same client_request_id streams the stored exchange again.
         Errors: NOT_FOUND for the session, or (reason DOCUMENTS_NOT_FOUND, as
-        CreateSession) for a document id that is not one of the caller's;
-        INVALID_ARGUMENT for empty content, bad overrides or more than 100 document
-        ids; UNAVAILABLE when ingest cannot check the ids or the llm service cannot
-        be reached, and
+        CreateSession) for a document id that is not one of the caller's (checked
+        while ingest answers); INVALID_ARGUMENT for empty content, bad overrides or
+        more than 100 document ids; UNAVAILABLE when the llm service cannot be
+        reached and
         FAILED_PRECONDITION when it has no model ready (the user message is kept, no
         assistant message is stored).
         """
