@@ -132,6 +132,11 @@ def open_channel(
         options=[
             ("grpc.service_config", RETRY_SERVICE_CONFIG),
             ("grpc.enable_retries", 1),
+            # An upstream that went away is tried again at least every second (gRPC's
+            # default backoff grows to 2 minutes), so calls go through soon after it is
+            # back; until then they fail fast with UNAVAILABLE.
+            ("grpc.initial_reconnect_backoff_ms", 250),
+            ("grpc.max_reconnect_backoff_ms", 1000),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ],

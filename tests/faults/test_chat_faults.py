@@ -1,7 +1,9 @@
 """kill -9 of llm and of sessions in the middle of an answer (at its first streamed token),
 then a restart: what was said is kept, nothing is half-written, the conversation goes on."""
 
+import asyncio
 import sqlite3
+import time
 
 import grpc
 from harness import sessions_stub
@@ -49,6 +51,34 @@ async def answered(stub, session_id: str, content: str) -> sessions_pb2.Message:
     return stored
 
 
+async def answered_once_back(stub, session_id: str, content: str) -> sessions_pb2.Message:
+    """The answer to content sent the moment an upstream is back, as a client sends it:
+    retried on UNAVAILABLE with the same client_request_id (so the question is stored
+    once). sessions finds the upstream again within a second or so; five seconds of
+    retries (the answer itself may take as long as it takes) are far below gRPC's default
+    reconnect backoff, which grows to 2 minutes."""
+    request = sessions_pb2.SendMessageRequest(
+        session_id=session_id,
+        content=content,
+        overrides={"max_new_tokens": 24},
+        client_request_id=f"once-back-{session_id}",
+    )
+    give_up = time.monotonic() + 5
+    while True:
+        stored = None
+        try:
+            async for event in stub.SendMessage(request, timeout=300):
+                if event.HasField("assistant_message"):
+                    stored = event.assistant_message
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+            assert time.monotonic() < give_up, f"still unavailable with the llm back: {exc}"
+            await asyncio.sleep(0.2)
+            continue
+        assert stored is not None and stored.finish_reason in FINISHED, stored
+        return stored
+
+
 async def test_llm_killed_mid_stream_keeps_the_question_and_the_partial_answer(mesh, models):
     await mesh.start("sessions")
     async with sessions_stub(mesh) as stub:
@@ -70,16 +100,24 @@ async def test_llm_killed_mid_stream_keeps_the_question_and_the_partial_answer(m
         assert stored[0].content == relayed and relayed
         assert stored[0].error
 
-        # llm down: the question is kept, no answer is made up.
-        try:
-            async for _ in send(stub, session_id, "Are you there?"):
-                pass
-            raise AssertionError("an answer came with the llm down")
-        except grpc.aio.AioRpcError as exc:
-            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+        # llm down for a while (a pod rescheduled): a client asking again and again (the
+        # same client_request_id) gets UNAVAILABLE each time; the question is kept once
+        # and no answer is made up.
+        asking = sessions_pb2.SendMessageRequest(
+            session_id=session_id, content="Are you there?", client_request_id="while-down"
+        )
+        down_until = time.monotonic() + 6
+        while time.monotonic() < down_until:
+            try:
+                async for _ in stub.SendMessage(asking, timeout=60):
+                    pass
+                raise AssertionError("an answer came with the llm down")
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+            await asyncio.sleep(0.5)
 
         await models.start("llm")
-        await answered(stub, session_id, "What is a lighthouse for?")
+        await answered_once_back(stub, session_id, "What is a lighthouse for?")
         kept = await messages(stub, session_id)
         assert [(m.role, m.finish_reason) for m in kept] == [
             (sessions_pb2.MESSAGE_ROLE_USER, sessions_pb2.FINISH_REASON_UNSPECIFIED),
