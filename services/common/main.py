@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from services.common.logs import configure_logging
 from services.common.server import RunningServer, run_until_signalled
@@ -30,6 +31,10 @@ def run_service(settings_class: type[S], start: Callable[[S], Awaitable[App]]) -
         settings = settings_class()
     except ValidationError as exc:
         sys.exit(f"invalid settings for {settings_class.__name__}:\n{exc}")
+    except SettingsError as exc:
+        # A list or mapping setting that is not JSON: pydantic-settings names the field.
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        sys.exit(f"invalid settings for {settings_class.__name__}: {exc}{cause}")
     configure_logging(settings.log_level, settings.log_json)
     configure_tracing(settings.service_name(), settings.otlp_endpoint)
 

@@ -46,6 +46,13 @@ def test_service_with_bad_setting_exits_with_a_message():
     assert "invalid settings" in result.stderr and "port" in result.stderr
 
 
+def test_list_setting_that_is_not_json_exits_with_a_message_not_a_traceback():
+    result = start_telemetry(RAGMESH_TELEMETRY_PEERS="telemetry-peers:50055")
+    assert result.returncode != 0
+    assert "invalid settings" in result.stderr and '"peers"' in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_service_refuses_open_exposure_at_start():
     result = start_telemetry(RAGMESH_TELEMETRY_HOST="0.0.0.0", RAGMESH_TELEMETRY_PORT="0")
     assert result.returncode != 0
