@@ -68,12 +68,14 @@ async def token_spans(
 
 
 def _pieces(text: str, start: int, end: int, max_chars: int) -> list[tuple[int, int]]:
-    """Cuts a block the tokenizer would refuse into pieces, at whitespace where possible."""
+    """Cuts a block the tokenizer would refuse into pieces, at whitespace where possible;
+    a piece of whitespace alone (inside a long run of spaces) is left out."""
     pieces = []
     while end - start > max_chars:
         cut = text.rfind(" ", start + max_chars // 2, start + max_chars)
         cut = cut if cut > start else start + max_chars
-        pieces.append((start, cut))
+        if text[start:cut].strip():
+            pieces.append((start, cut))
         start = cut
     if text[start:end].strip():
         pieces.append((start, end))

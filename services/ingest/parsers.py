@@ -548,7 +548,9 @@ def _trim_cells(block: Block) -> Block:
 
 # Markdown
 
-_ATX_HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
+# Only the opening: the text and the closing #s are cut off in Python, since a pattern for
+# them backtracks cubically on a run of spaces inside a long heading line.
+_ATX_HEADING = re.compile(r" {0,3}(#{1,6})\s")
 _FENCE = re.compile(r"^ {0,3}(```|~~~)")
 
 
@@ -578,10 +580,19 @@ def _parse_markdown(text: str) -> list[Block]:
         heading = _ATX_HEADING.match(line)
         if heading:
             flush()
-            blocks.append(Block(heading.group(2), level=len(heading.group(1))))
+            text = _heading_text(line[heading.end() :])
+            blocks.append(Block(text, level=len(heading.group(1))))
         elif not line.strip():
             flush()
         else:
             lines.append(line)
     flush()
     return blocks
+
+
+def _heading_text(rest: str) -> str:
+    """A heading's text without its closing sequence of #s, which stands apart from the text
+    ("# C#" is the heading "C#")."""
+    text = rest.strip()
+    opened = text.rstrip("#")
+    return opened.strip() if not opened or opened[-1].isspace() else text

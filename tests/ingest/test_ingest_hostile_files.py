@@ -263,3 +263,37 @@ async def test_a_parser_killed_while_it_reads_a_file_fails_that_file_once(
     finally:
         await app.server.stop(0)
         await app.close()
+
+
+async def test_markdown_headings_with_long_runs_of_spaces_parse(
+    make_settings, tmp_path, new_client
+):
+    # About 1 MB: a heading pattern that backtracks (the text, then optional spaces, #s and
+    # spaces to the end) needs hours on one such line, and would FAIL at the time limit.
+    gap = " " * 330_000
+    data = (
+        f"# Backups{gap}nightly\n\nThe copies are checked every morning.\n\n"
+        f"## Restore{gap}drills ##\n\nRestores are rehearsed{gap}monthly.\n"
+    ).encode()
+    assert len(data) > 990_000
+    settings = make_settings(tmp_path, workers=1, parse_timeout_seconds=60)
+    app = await start(settings)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}") as channel:
+            client = new_client(channel)
+            document = await client.ingest("runbook.md", data)
+            assert document.status == READY, document.error
+            text = (await client.call("GetDocumentText", document_id=document.id)).text
+            assert (
+                text.split()
+                == (
+                    "Backups nightly The copies are checked every morning. "
+                    "Restore drills Restores are rehearsed monthly."
+                ).split()
+            )
+            reply = await client.call("ListChunks", document_id=document.id, page_size=1000)
+            headings = {chunk.heading for chunk in reply.chunks}
+            assert {"Backups nightly", "Backups nightly > Restore drills"} <= headings
+    finally:
+        await app.server.stop(0)
+        await app.close()
