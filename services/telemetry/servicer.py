@@ -14,6 +14,9 @@ from services.telemetry.peers import PeerAnswer, Peers
 from services.telemetry.settings import TelemetrySettings
 from services.telemetry.system import SystemReader
 
+# The range google.protobuf.Duration allows (about 10,000 years).
+_MAX_DURATION_SECONDS = 315_576_000_000
+
 
 def to_pb(value, message_class: type[Message]) -> Message:
     """Converts a dataclass whose fields carry the proto's names into message_class."""
@@ -63,9 +66,14 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
     async def WatchSystemStatus(self, request, context):
         interval = self._settings.watch_default_interval_seconds
         if request.HasField("interval"):
-            requested = request.interval.ToTimedelta().total_seconds()
+            requested = request.interval.seconds + request.interval.nanos / 1e9
             if requested < 0:
                 raise InvalidArgument("interval must not be negative", field="interval")
+            if requested > _MAX_DURATION_SECONDS:
+                raise InvalidArgument(
+                    f"interval is at most {_MAX_DURATION_SECONDS} s (google.protobuf.Duration)",
+                    field="interval",
+                )
             interval = max(requested, self._settings.watch_min_interval_seconds)
         while True:
             yield telemetry_pb2.WatchSystemStatusResponse(
