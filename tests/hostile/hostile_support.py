@@ -289,7 +289,11 @@ def message_strategy(
 
 
 # What a plausible request holds in its text fields.
-PLAUSIBLE_TEXT = {"query": "lighthouse lens", "content": "Where is the lighthouse?"}
+PLAUSIBLE_TEXT = {
+    "query": "lighthouse lens",
+    "content": "Where is the lighthouse?",
+    "filename": "notes.txt",
+}
 PLAUSIBLE_TEXT["prompt"] = PLAUSIBLE_TEXT["content"]
 
 
@@ -320,11 +324,12 @@ def plausible_message(descriptor: pb_descriptor.Descriptor, own: dict[str, str],
     return message
 
 
-def _overlaid(base, hostile) -> bytes:
+def _merged(base, hostile):
+    """base with hostile's set fields over it (lists appended)."""
     merged = type(base)()
     merged.CopyFrom(base)
     merged.MergeFrom(hostile)
-    return merged.SerializeToString()
+    return merged
 
 
 def request_strategy(method: pb_descriptor.MethodDescriptor, pools: Pools):
@@ -334,11 +339,35 @@ def request_strategy(method: pb_descriptor.MethodDescriptor, pools: Pools):
     hostile = message_strategy(method.input_type, pools)
     base = plausible_message(method.input_type, pools.own)
     alone = hostile.map(lambda m: m.SerializeToString())
-    over = hostile.map(lambda m: _overlaid(base, m))
+    over = hostile.map(lambda m: _merged(base, m).SerializeToString())
     one = st.one_of(alone, over, over, st.binary(max_size=256))
     if method.client_streaming:
-        return st.lists(one, max_size=4)
+        return st.one_of(st.lists(one, max_size=4), *[_plausible_stream(method, pools)] * 2)
     return one
+
+
+def _plausible_stream(method: pb_descriptor.MethodDescriptor, pools: Pools):
+    """For a client stream whose message is a oneof of a message and bytes (a header,
+    then data): a plausible header with hostile values over it, then random data."""
+    cls = message_class(method.input_type)
+    for oneof in method.input_type.oneofs:
+        heads = [f for f in oneof.fields if f.message_type is not None]
+        bodies = [f for f in oneof.fields if f.type == FD.TYPE_BYTES]
+        if heads and bodies:
+            head, body = heads[0], bodies[0]
+            base = plausible_message(head.message_type, pools.own)
+            first = message_strategy(head.message_type, pools, depth=1).map(
+                lambda m, name=head.name, base=base: cls(
+                    **{name: _merged(base, m)}
+                ).SerializeToString()
+            )
+            data = st.binary(min_size=1, max_size=4096).map(
+                lambda b, name=body.name: cls(**{name: b}).SerializeToString()
+            )
+            return st.tuples(first, st.lists(data, min_size=1, max_size=3)).map(
+                lambda parts: [parts[0], *parts[1]]
+            )
+    return st.nothing()
 
 
 @dataclass

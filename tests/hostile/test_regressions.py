@@ -3,12 +3,14 @@ gets INVALID_ARGUMENT naming what is wrong."""
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from hostile_support import CALL_SECONDS, FUZZ, method_path, ragmesh_methods, raw_call
 
 from ragmesh.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from ragmesh.llm.v1 import llm_pb2
+from ragmesh.telemetry.v1 import telemetry_pb2
 
 METHODS = {method_path(m): m for m in ragmesh_methods()}
 
@@ -19,6 +21,8 @@ def _details(channel, method, payload) -> tuple[grpc.StatusCode, str, list]:
     try:
         if method.client_streaming:
             channel.stream_unary(path)(iter(payload), metadata=FUZZ, timeout=CALL_SECONDS)
+        elif method.server_streaming:
+            next(channel.unary_stream(path)(payload, metadata=FUZZ, timeout=CALL_SECONDS))
         else:
             channel.unary_unary(path)(payload, metadata=FUZZ, timeout=CALL_SECONDS)
     except grpc.RpcError as exc:
@@ -97,3 +101,22 @@ def test_a_model_name_no_filesystem_takes_is_an_invalid_argument(mesh, model):
     code, message, details = _details(mesh.channels["llm"], method, request.SerializeToString())
     assert code == grpc.StatusCode.INVALID_ARGUMENT, message
     assert _violations(details) == ["options.model"]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\n\x0b\x08\xff\xa2\xc9\xf5\xb6\xad\xec\xff\xff\x01",
+        telemetry_pb2.WatchSystemStatusRequest(
+            interval=duration_pb2.Duration(seconds=10**12)
+        ).SerializeToString(),
+    ],
+    ids=["found", "past-duration-range"],
+)
+def test_an_interval_no_timedelta_holds_is_an_invalid_argument(mesh, payload):
+    """An interval of -86,399,999,913,601 s: WatchSystemStatus answered INTERNAL
+    (OverflowError converting it to a timedelta)."""
+    method = METHODS["/ragmesh.telemetry.v1.TelemetryService/WatchSystemStatus"]
+    code, message, details = _details(mesh.channels["telemetry"], method, payload)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, message
+    assert _violations(details) == ["interval"]
