@@ -672,6 +672,31 @@ def memory_bytes(value: str) -> int:
     return int(value)
 
 
+# What ingest needs besides its parse children: 172 MiB resident at peak in
+# bench.ingest_bench (docs/decisions.md), with room for uploads and parsed text in flight.
+INGEST_SERVICE_BYTES = 512 * 2**20
+
+
+def test_ingest_memory_limit_holds_its_parse_children(overlay):
+    """RLIMIT_AS caps each parse child at PARSE_MEMORY_BYTES, and every worker may run one:
+    past the pod's limit the kernel kills a process of the pod before any cap is reached."""
+    ingest = overlay.workloads["ingest"]
+    environment = dict(overlay.config)
+    environment.update({each["name"]: each["value"] for each in container(ingest).get("env", [])})
+    fields = settings_class_of("ingest").model_fields
+    workers = int(environment.get("RAGMESH_INGEST_WORKERS", fields["workers"].default))
+    parse_bytes = int(
+        environment.get("RAGMESH_INGEST_PARSE_MEMORY_BYTES", fields["parse_memory_bytes"].default)
+    )
+    limit = memory_bytes(container(ingest)["resources"]["limits"]["memory"])
+    needed = workers * parse_bytes + INGEST_SERVICE_BYTES
+    assert limit >= needed, (
+        f"{overlay.name}: ingest's memory limit is {limit / 2**20:g} MiB, under {workers} "
+        f"parse children of {parse_bytes / 2**20:g} MiB and the service "
+        f"({needed / 2**20:g} MiB)"
+    )
+
+
 def selected_by(selector: dict, labels: dict[str, str]) -> bool:
     for key, value in selector.get("matchLabels", {}).items():
         if labels.get(key) != value:
