@@ -263,7 +263,8 @@ def check_docx(path: Path, max_bytes: int) -> None:
 
 
 def _parse_docx(path: Path, max_bytes: int) -> list[Block]:
-    """The text of the document part and its headers and footers, read from the XML."""
+    """The text of the document part, its headers and footers, footnotes and endnotes, read
+    from the XML."""
     check_docx(path, max_bytes)
     with zipfile.ZipFile(path) as archive:
         names = set(archive.namelist())
@@ -294,11 +295,31 @@ def _parse_docx(path: Path, max_bytes: int) -> list[Block]:
                 block for name in part_names for block in reader.blocks(_docx_xml(archive, name))
             ]
 
+        notes = [
+            block
+            for wanted in ("footnotes", "endnotes")
+            for kind, part in targets.values()
+            if kind == wanted and part in names
+            for block in _docx_notes(reader, _docx_xml(archive, part))
+        ]
         return [
             *read(parts["headerReference"]),
             *reader.blocks(body),
+            *notes,
             *read(parts["footerReference"]),
         ]
+
+
+def _docx_notes(reader: "_DocxReader", root) -> list[Block]:
+    """Footnotes or endnotes in the part's order, which is the order Word numbers them in,
+    without the separator lines and continuation notices Word keeps there too."""
+    return [
+        block
+        for note in root
+        if _kind(note) in (("w", "footnote"), ("w", "endnote"))
+        and _attribute(note, "type") in (None, "normal")
+        for block in reader.blocks(note)
+    ]
 
 
 # Word's namespaces, transitional and Strict OOXML (ISO 29500) alike.
@@ -319,6 +340,20 @@ _DOCX_HIDDEN = frozenset(
     ("pPr", "rPr", "tblPr", "trPr", "tcPr", "sdtPr", "sdtEndPr", "sectPr", "del", "delText",
      "moveFrom", "instrText", "delInstrText", "fldData")
 )  # fmt: skip
+# w:sym characters of the Symbol font (its codes, which Word writes from F000 on) that
+# have a Unicode meaning: Greek letters and common signs. Other symbol fonts' glyphs
+# (Wingdings arrows, check boxes) have none and are left out.
+_SYMBOL_FONT = {
+    **dict(zip(range(0x41, 0x5B), map(ord, "ΑΒΧΔΕΦΓΗΙϑΚΛΜΝΟΠΘΡΣΤΥςΩΞΨΖ"), strict=True)),
+    **dict(zip(range(0x61, 0x7B), map(ord, "αβχδεφγηιϕκλμνοπθρστυϖωξψζ"), strict=True)),
+    # Signs, as Unicode code points.
+    0x22: 0x2200, 0x24: 0x2203, 0x27: 0x220B, 0x2A: 0x2217, 0x2D: 0x2212, 0x40: 0x2245,
+    0x5E: 0x22A5, 0xA3: 0x2264, 0xA5: 0x221E, 0xAC: 0x2190, 0xAD: 0x2191, 0xAE: 0x2192,
+    0xAF: 0x2193, 0xB0: 0x00B0, 0xB1: 0x00B1, 0xB3: 0x2265, 0xB4: 0x00D7, 0xB5: 0x221D,
+    0xB6: 0x2202, 0xB7: 0x2022, 0xB8: 0x00F7, 0xB9: 0x2260, 0xBA: 0x2261, 0xBB: 0x2248,
+    0xC7: 0x2229, 0xC8: 0x222A, 0xCE: 0x2208, 0xCF: 0x2209, 0xD0: 0x2220, 0xD5: 0x220F,
+    0xD6: 0x221A, 0xD7: 0x22C5, 0xDB: 0x21D4, 0xDE: 0x21D2, 0xE5: 0x2211, 0xF2: 0x222B,
+}  # fmt: skip
 # The parts of an equation (numerator, exponent, ...) that read as separate words.
 _MATH_ARGUMENTS = frozenset(("num", "den", "sub", "sup", "deg", "e", "lim", "fName"))
 
@@ -379,6 +414,22 @@ def _docx_heading_styles(styles) -> dict[str, int]:
         if level and _kind(style) == ("w", "style"):
             levels[_attribute(style, "styleId") or ""] = level
     return levels
+
+
+def _symbol(sym) -> str:
+    """The character of a w:sym, or "" for a symbol font's glyph that Unicode lacks."""
+    try:
+        code = int(_attribute(sym, "char") or "", 16)
+    except ValueError:
+        return ""
+    font = (_attribute(sym, "font") or "").lower()
+    if font == "symbol" and (code < 0x100 or 0xF000 <= code <= 0xF0FF):
+        code &= 0xFF
+        if code in _SYMBOL_FONT:
+            return chr(_SYMBOL_FONT[code])
+        return chr(code) if 0x20 <= code < 0x7F else ""
+    # Unless private use (where symbol fonts keep their glyphs), a surrogate or a control.
+    return chr(code) if 0x20 <= code < 0xD800 or 0xF900 <= code <= 0x10FFFF else ""
 
 
 def _chosen(alternate):
@@ -446,6 +497,8 @@ class _DocxReader:
                 parts.append("\n")
             elif kind == "w" and local == "noBreakHyphen":
                 parts.append("-")
+            elif kind == "w" and local == "sym":
+                parts.append(_symbol(child))
             elif kind == "w" and local == "txbxContent":
                 boxes.extend(self.blocks(child))
             elif kind == "mc" and local == "AlternateContent":

@@ -1,6 +1,7 @@
 """Real-world files that used to fail or lose text, built here and sent through the
 service: AES-encrypted PDFs, a document holding one enormous unbroken token, DOCX files
-with text boxes, equations, content controls, fields and nested tables, and Strict OOXML.
+with text boxes, equations, content controls, fields and nested tables, footnotes, endnotes
+and symbols, and Strict OOXML.
 Parsing does not depend on the database, so these run on SQLite only."""
 
 import io
@@ -270,3 +271,102 @@ async def test_docx_whose_document_part_is_not_xml_fails_with_the_part_named(cli
     document = await client.ingest("broken.docx", data)
     assert document.status == FAILED
     assert "word/document.xml is not well-formed XML" in document.error
+
+
+def _note(kind: str, number: int, text: str, note_type: str = "") -> str:
+    typed = f' w:type="{note_type}"' if note_type else ""
+    return (
+        f'<w:{kind}{typed} w:id="{number}"><w:p><w:r><w:{kind}Ref/></w:r>'
+        f'<w:r><w:t xml:space="preserve"> {text}</w:t></w:r></w:p></w:{kind}>'
+    )
+
+
+def _notes_part(kind: str, notes: list[str]) -> bytes:
+    separators = (
+        f'<w:{kind} w:type="separator" w:id="-1"><w:p><w:r><w:separator/></w:r></w:p></w:{kind}>'
+        f'<w:{kind} w:type="continuationSeparator" w:id="0"><w:p><w:r>'
+        f"<w:continuationSeparator/></w:r></w:p></w:{kind}>"
+    )
+    return f'<w:{kind}s xmlns:w="{W}">{separators}{"".join(notes)}</w:{kind}s>'.encode()
+
+
+SYMBOLS = f"""<w:p {NAMESPACES}><w:r><w:t xml:space="preserve">Keep </w:t></w:r>
+<w:r><w:sym w:font="Symbol" w:char="F0B3"/></w:r>
+<w:r><w:t xml:space="preserve"> 3 copies; the factor </w:t></w:r>
+<w:r><w:sym w:font="Symbol" w:char="F061"/></w:r><w:r><w:t xml:space="preserve"> is 0.5 </w:t></w:r>
+<w:r><w:sym w:font="Arial" w:char="2192"/></w:r><w:r><w:t xml:space="preserve"> done</w:t></w:r>
+<w:r><w:sym w:font="Wingdings" w:char="F0FC"/></w:r><w:r><w:sym w:font="Symbol" w:char="zz"/></w:r>
+<w:r><w:t>.</w:t></w:r></w:p>"""
+REFERENCES = f"""<w:p {NAMESPACES}><w:r><w:t>Backups run nightly</w:t></w:r>
+<w:r><w:footnoteReference w:id="1"/></w:r><w:r><w:t xml:space="preserve"> and restores weekly</w:t>
+</w:r><w:r><w:footnoteReference w:id="2"/></w:r><w:r><w:t>.</w:t></w:r>
+<w:r><w:endnoteReference w:id="1"/></w:r></w:p>"""
+
+
+def _docx_with_notes() -> bytes:
+    import docx
+    from docx.oxml import parse_xml
+
+    document = docx.Document()
+    document.sections[0].footer.paragraphs[0].text = "Footer page marker"
+    body = document.element.body
+    document.add_paragraph("Opening paragraph.")
+    for xml in (REFERENCES, SYMBOLS):
+        body.insert(len(body) - 1, parse_xml(xml))
+    document.add_paragraph("Closing paragraph.")
+    buffer = io.BytesIO()
+    document.save(buffer)
+    parts = {
+        "word/footnotes.xml": _notes_part(
+            "footnote",
+            [
+                _note("footnote", 1, "Copies are kept for 30 days."),
+                _note("footnote", 2, "Restores are rehearsed on a spare host."),
+                _note("footnote", -2, "Continued on the next page", "continuationNotice"),
+            ],
+        ),
+        "word/endnotes.xml": _notes_part("endnote", [_note("endnote", 1, "See the runbook.")]),
+    }
+    relationships = "".join(
+        f'<Relationship Id="rIdNotes{kind}" Target="{kind}s.xml" Type="http://schemas.'
+        f'openxmlformats.org/officeDocument/2006/relationships/{kind}s"/>'
+        for kind in ("footnote", "endnote")
+    ).encode()
+    overrides = "".join(
+        f'<Override PartName="/word/{kind}s.xml" ContentType="application/vnd.openxmlformats-'
+        f'officedocument.wordprocessingml.{kind}s+xml"/>'
+        for kind in ("footnote", "endnote")
+    ).encode()
+    source = zipfile.ZipFile(io.BytesIO(buffer.getvalue()))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            content = source.read(info)
+            if info.filename == "word/_rels/document.xml.rels":
+                content = content.replace(b"</Relationships>", relationships + b"</Relationships>")
+            elif info.filename == "[Content_Types].xml":
+                content = content.replace(b"</Types>", overrides + b"</Types>")
+            target.writestr(info, content)
+        for name, content in parts.items():
+            target.writestr(name, content)
+    return out.getvalue()
+
+
+async def test_docx_footnotes_endnotes_and_symbols_are_read(client):
+    document = await client.ingest("notes.docx", _docx_with_notes())
+    assert document.status == READY, document.error
+    text = await _text(client, document.id)
+    order = [
+        "Opening paragraph.",
+        "Backups run nightly and restores weekly.",
+        "Keep \u2265 3 copies; the factor \u03b1 is 0.5 \u2192 done.",
+        "Closing paragraph.",
+        "Copies are kept for 30 days.",
+        "Restores are rehearsed on a spare host.",
+        "See the runbook.",
+        "Footer page marker",
+    ]
+    positions = [text.find(piece) for piece in order]
+    assert -1 not in positions, [p for p, at in zip(order, positions, strict=True) if at < 0]
+    assert positions == sorted(positions)
+    assert "Continued on the next page" not in text
