@@ -310,7 +310,12 @@ class BatchingEngine:
         try:
             token = self._prefill(request)
         except Exception as exc:
-            self._finish(request, FinishReason.CANCELLED, error=self._request_error(request, exc))
+            if request.cancelled:
+                # A backend may stop the prompt of a cancelled request part way.
+                self._finish(request, FinishReason.CANCELLED)
+            else:
+                error = self._request_error(request, exc)
+                self._finish(request, FinishReason.CANCELLED, error=error)
             return
         # In the batch before joining it: a failed join fails it with the batch.
         self._active.append(request)

@@ -37,6 +37,9 @@ _LLAMA_LOGGER = logging.getLogger("llama_cpp")
 
 # llama_decode's answer when the KV cache has no room for the batch.
 _NO_KV_SLOT = 1
+# Prompt tokens per llama_decode call (llama.cpp's own micro-batch by default): a
+# cancelled request stops its prefill at the next chunk.
+_PREFILL_CHUNK = 512
 # As llama_sampler_init_dist reads it: this seed means "draw one at random".
 _RANDOM_SEED = 0xFFFFFFFF
 
@@ -54,6 +57,10 @@ def _log(level: int, text: bytes, _user_data) -> None:
 
 llama_cpp.llama_log_set(_log, ctypes.c_void_p(0))
 llama_cpp.llama_backend_init()
+
+
+class PrefillCancelled(Exception):
+    """The prompt's request was cancelled between two chunks of its prefill."""
 
 
 class DecodeError(RuntimeError):
@@ -161,11 +168,15 @@ class LlamaModel:
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
-    def prefill(self, seq: int, ids: list[int]) -> None:
-        """Decodes a prompt into sequence seq (from position 0), in chunks of n_batch; the
-        logits of its last token are then logits(-1)."""
-        for start in range(0, len(ids), self.n_batch):
-            chunk = ids[start : start + self.n_batch]
+    def prefill(self, seq: int, ids: list[int], cancelled=None) -> None:
+        """Decodes a prompt into sequence seq (from position 0), in chunks of up to
+        _PREFILL_CHUNK tokens; the logits of its last token are then logits(-1). Between
+        chunks it raises PrefillCancelled once cancelled() is true."""
+        size = min(self.n_batch, _PREFILL_CHUNK)
+        for start in range(0, len(ids), size):
+            if start and cancelled is not None and cancelled():
+                raise PrefillCancelled(f"cancelled after {start} of {len(ids)} prompt tokens")
+            chunk = ids[start : start + size]
             last = start + len(chunk) == len(ids)
             self._decode(
                 [
@@ -305,7 +316,7 @@ class LlamaCppEngine(BatchingEngine):
         request.state = state
         try:
             state.see(ids)
-            self.model.prefill(state.seq, ids)
+            self.model.prefill(state.seq, ids, cancelled=lambda: request.cancelled)
             state.position = len(ids)
             return self._sample(request, None, -1)
         except Exception:

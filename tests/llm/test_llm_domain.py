@@ -413,3 +413,40 @@ def test_a_gguf_runs_on_the_gpu_when_the_node_has_one_and_the_build_offloads(
     with pytest.raises(FailedPrecondition) as caught:
         device(device="cuda")
     assert caught.value.reason == "CUDA_UNAVAILABLE"
+
+
+async def test_llama_cpp_stops_the_prefill_of_a_cancelled_request_at_the_next_chunk(
+    models_dir, monkeypatch
+):
+    settings = LlmSettings(models_dir=models_dir)
+    model = catalogue.DEFAULT_MODEL_NAME
+    resolved = catalogue.resolve(model, "", models_dir, settings.resolved_model_roots)
+    options, device = check_options(LoadOptions(model=model), settings, resolved)
+    engine = await asyncio.to_thread(
+        load_llama_cpp, resolved, options, device, max_batch=2, max_queue=2, max_context=2048
+    )
+    try:
+        ids = engine.encode("the quick brown fox jumps over the lazy dog. " * 150)
+        assert len(ids) > 2 * llama_backend._PREFILL_CHUNK
+        job = Job("long", GenerationParams(max_new_tokens=8), prompt_ids=ids)
+        chunks = []
+        decode = engine.model._decode
+
+        def cancelling_decode(entries):
+            decode(entries)
+            if len(entries) > 1:
+                chunks.append(len(entries))
+                engine.cancel(job.key)  # the caller cancels while the first chunk runs
+
+        monkeypatch.setattr(engine.model, "_decode", cancelling_decode)
+        events = await _drain(engine.stream(job))
+        assert events[-1].finish_reason is FinishReason.CANCELLED
+        assert chunks == [llama_backend._PREFILL_CHUNK]
+        # Its sequence was freed: the next request runs.
+        short = Job("next", GenerationParams(max_new_tokens=4), prompt_ids=ids[:8])
+        assert (await _drain(engine.stream(short)))[-1].finish_reason in (
+            FinishReason.LENGTH,
+            FinishReason.EOS,
+        )
+    finally:
+        await engine.close()
