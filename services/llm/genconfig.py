@@ -71,7 +71,7 @@ def apply_overrides(
     found = violations(params, context_length, prefix)
     if found:
         raise InvalidArgument(
-            "invalid generation overrides: " + "; ".join(f"{f} {d}" for f, d in found),
+            "invalid settings for this request: " + "; ".join(f"{f} {d}" for f, d in found),
             field_violations=found,
         )
     return params

@@ -377,7 +377,7 @@ MISTAKES = {
         "Generate",
         {"prompt": "dogs", "overrides": {"temperature": -1}},
         "InvalidArgument",
-        "invalid generation overrides: overrides.temperature must be between 0 and 2",
+        "invalid settings for this request: overrides.temperature must be between 0 and 2",
     ),
     "message to an unknown session": Mistake(
         "sessions",

@@ -104,8 +104,8 @@ class Mesh:
                     data_dir=data / "llm",
                     api_keys=API_KEYS,
                     shutdown_grace_seconds=0.5,
-                    # Caps what one prompt costs: a prefill runs to its end even when
-                    # its caller has gone, and thousands of tokens take a minute here.
+                    # Caps what one prompt costs: a long prompt holds the running
+                    # streams until it is in, and thousands of tokens take a minute here.
                     max_context_tokens=LLM_CONTEXT_TOKENS,
                 )
             ),
