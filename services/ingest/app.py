@@ -102,6 +102,8 @@ async def start(
         search_index,
         signals,
         max_upload_bytes=settings.max_upload_bytes,
+        max_documents_per_tenant=settings.max_documents_per_tenant,
+        max_bytes_per_tenant=settings.max_bytes_per_tenant,
         watch_poll_seconds=settings.job_poll_seconds,
     )
     workers = WorkerPool(settings, sessions, documents, blobs, vectors, embed, signals, retrieval)

@@ -9,7 +9,6 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.common import pages
@@ -42,6 +41,9 @@ DEFAULT_CHUNKS_PAGE, MAX_CHUNKS_PAGE = 100, 1000
 MAX_TEXT_CHARS_PER_CALL = 2_000_000
 # A delete finishes inside its RPC; its job is the safety net for an interrupted one.
 _DELETE_JOB_GRACE = 30.0
+# The settings a refused upload names (services/ingest/settings.py).
+DOCUMENTS_SETTING = "RAGMESH_INGEST_MAX_DOCUMENTS_PER_TENANT"
+BYTES_SETTING = "RAGMESH_INGEST_MAX_BYTES_PER_TENANT"
 
 
 @dataclass
@@ -128,6 +130,8 @@ class Documents:
         signals: JobSignals,
         *,
         max_upload_bytes: int,
+        max_documents_per_tenant: int = 0,
+        max_bytes_per_tenant: int = 0,
         watch_poll_seconds: float = 1.0,
     ) -> None:
         self._sessions = sessions
@@ -136,6 +140,8 @@ class Documents:
         self._search_index = search_index
         self._signals = signals
         self._max_upload_bytes = max_upload_bytes
+        self._max_documents = max_documents_per_tenant
+        self._max_bytes = max_bytes_per_tenant
         self._watch_poll = watch_poll_seconds
 
     async def upload(
@@ -178,13 +184,34 @@ class Documents:
     async def _existing(self, tenant: str, sha256: str) -> DocumentRow | None:
         async with self._sessions() as session:
             row = await storage.find_by_sha256(session, tenant, sha256)
-        if row is not None and row.status == storage.DELETING:
-            raise FailedPrecondition(
-                f"document {row.id} with the same content is being deleted; retry the upload "
-                "once its DeleteDocument call has returned",
-                reason="DOCUMENT_DELETING",
+        return _not_deleting(row)
+
+    def _check_quota(self, tenant: str, documents: int, size: int, upload_size: int) -> None:
+        """Refuses an upload that would take the tenant past its document or byte limit."""
+        if self._max_documents and documents + 1 > self._max_documents:
+            raise ResourceExhausted(
+                f"tenant {tenant!r} holds {documents} documents, its limit "
+                f"({DOCUMENTS_SETTING}={self._max_documents}); delete documents to upload more",
+                reason="TENANT_DOCUMENT_LIMIT",
+                metadata={
+                    "setting": DOCUMENTS_SETTING,
+                    "limit": str(self._max_documents),
+                    "usage": str(documents),
+                },
             )
-        return row
+        if self._max_bytes and size + upload_size > self._max_bytes:
+            raise ResourceExhausted(
+                f"tenant {tenant!r} holds {size} bytes of documents; this upload's "
+                f"{upload_size} bytes would pass its limit ({BYTES_SETTING}={self._max_bytes})"
+                "; delete documents to upload more",
+                reason="TENANT_BYTES_LIMIT",
+                metadata={
+                    "setting": BYTES_SETTING,
+                    "limit": str(self._max_bytes),
+                    "usage": str(size),
+                    "upload_bytes": str(upload_size),
+                },
+            )
 
     async def _store(self, tenant, meta, writer, sha256: str, mime_type: str):
         now = utcnow()
@@ -207,18 +234,23 @@ class Documents:
         await asyncio.to_thread(self._blobs.keep, writer, row.id)
         try:
             async with writing(self._sessions) as session:
-                storage.add_document(session, row)
-                await storage.put_job(session, row.id, storage.JOB_INGEST)
-        except IntegrityError:
-            # The same bytes were stored by a concurrent upload a moment ago.
-            self._blobs.delete(row.id)
-            existing = await self._existing(tenant, sha256)
-            if existing is None:
-                raise
-            return existing, True
+                # Counted and accepted in one transaction that holds the tenant's lock, so
+                # concurrent uploads cannot both pass the limit nor both store the bytes.
+                await storage.lock_tenant(session, tenant)
+                existing = await storage.find_by_sha256(session, tenant, sha256)
+                if existing is None:
+                    self._check_quota(
+                        tenant, *await storage.tenant_usage(session, tenant), row.size_bytes
+                    )
+                    storage.add_document(session, row)
+                    await storage.put_job(session, row.id, storage.JOB_INGEST)
         except BaseException:
             self._blobs.delete(row.id)
             raise
+        if existing is not None:
+            # The same bytes were stored by a concurrent upload a moment ago.
+            self._blobs.delete(row.id)
+            return _not_deleting(existing), True
         _LOGGER.info("stored document %s (%s, %d bytes)", row.id, mime_type, row.size_bytes)
         self._signals.queued.set()
         return row, False
@@ -360,3 +392,14 @@ class Documents:
             await storage.delete_document_rows(session, document_id)
         self._signals.changed(document_id)
         _LOGGER.info("deleted document %s", document_id)
+
+
+def _not_deleting(row: DocumentRow | None) -> DocumentRow | None:
+    """row, unless it is being deleted: the upload of its bytes must wait for that."""
+    if row is not None and row.status == storage.DELETING:
+        raise FailedPrecondition(
+            f"document {row.id} with the same content is being deleted; retry the upload "
+            "once its DeleteDocument call has returned",
+            reason="DOCUMENT_DELETING",
+        )
+    return row

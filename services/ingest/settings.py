@@ -47,6 +47,11 @@ class IngestSettings(ServiceSettings):
     # Embed calls one document keeps in flight, so the model never waits on us.
     embed_concurrency: int = Field(default=2, ge=1, le=16)
     max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
+    # Documents, and bytes of originals, one tenant may hold (0: no limit). An upload past
+    # either is refused with RESOURCE_EXHAUSTED; deleting documents frees room, and a
+    # duplicate upload counts nothing.
+    max_documents_per_tenant: int = Field(default=0, ge=0)
+    max_bytes_per_tenant: int = Field(default=0, ge=0)
     # Chunk size and overlap in tokens of the embedding model; the size is capped to
     # what the model reads (its max tokens less the two special tokens).
     chunk_tokens: int = Field(default=256, ge=16)

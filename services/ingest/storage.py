@@ -19,6 +19,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -35,6 +36,9 @@ _LOGGER = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # PostgreSQL advisory lock taken around migrations (the bytes of "ingest" and a 1).
 _MIGRATION_LOCK_KEY = 0x696E6765737401
+# The first key of the per-tenant advisory lock an upload's write transaction takes
+# (pg_advisory_xact_lock(int, int) keys are apart from the one-bigint migration lock).
+_TENANT_LOCK_KEY = 0x696E6701
 
 PENDING = "PENDING"
 PARSING = "PARSING"
@@ -154,6 +158,29 @@ async def find_by_sha256(session: AsyncSession, tenant: str, sha256: str) -> Doc
     return await session.scalar(
         select(DocumentRow).where(DocumentRow.tenant == tenant, DocumentRow.sha256 == sha256)
     )
+
+
+async def lock_tenant(session: AsyncSession, tenant: str) -> None:
+    """Serialises the tenant's uploads until the transaction ends, so what it counts stays
+    true until it commits. SQLite's write transaction already holds the database's write
+    lock (BEGIN IMMEDIATE); PostgreSQL takes a transaction advisory lock on the tenant."""
+    if (await session.connection()).dialect.name == "postgresql":
+        await session.execute(
+            text("SELECT pg_advisory_xact_lock(:key, hashtext(:tenant))"),
+            {"key": _TENANT_LOCK_KEY, "tenant": tenant},
+        )
+
+
+async def tenant_usage(session: AsyncSession, tenant: str) -> tuple[int, int]:
+    """The tenant's documents and their bytes, those being deleted included."""
+    count, size = (
+        await session.execute(
+            select(func.count(), func.coalesce(func.sum(DocumentRow.size_bytes), 0)).where(
+                DocumentRow.tenant == tenant
+            )
+        )
+    ).one()
+    return int(count), int(size)
 
 
 def add_document(session: AsyncSession, row: DocumentRow) -> None:
