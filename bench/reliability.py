@@ -19,6 +19,7 @@ UNKNOWN or lost something.
 import argparse
 import asyncio
 import dataclasses
+import math
 import os
 import sys
 import tempfile
@@ -193,8 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fuzz-examples", type=int, default=25, help="examples per RPC (25)")
     parser.add_argument("--skip-load", action="store_true", help="faults and hostile callers only")
     args = parser.parse_args(argv)
-    if args.seconds <= 0 or args.fuzz_examples < 1:
-        parser.error("--seconds must be positive and --fuzz-examples at least 1")
+    if not 0 < args.seconds < math.inf or args.fuzz_examples < 1:
+        parser.error("--seconds must be a positive number and --fuzz-examples at least 1")
     print(f"start: {_load_average()}", flush=True)
     os.environ["RAGMESH_FUZZ_EXAMPLES"] = str(args.fuzz_examples)
     collector = Collector()
