@@ -9,7 +9,9 @@ Credentials: inside a call, an upstream that acts for the caller gets the caller
 `authorization`, so the caller's tenant scopes what it sees; outside any call (background
 work, see `context.background`) it gets the service's own API key. An upstream that
 serves the service itself (embed, for ingest) always gets the service's own key when
-one is set.
+one is set. A call the service makes as itself (either of those last two) is marked as
+the mesh's own, which the per-caller limit leaves alone while authentication is off
+(interceptors.CallerLimit).
 """
 
 import asyncio
@@ -22,9 +24,15 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 
-from services.common.context import authorization_var, request_id_var, time_remaining
+from services.common.context import (
+    SERVICE,
+    authorization_var,
+    principal_var,
+    request_id_var,
+    time_remaining,
+)
 from services.common.errors import DeadlineExceeded, ServiceError, Unavailable
-from services.common.interceptors import REQUEST_ID_KEY
+from services.common.interceptors import MESH_CALL_KEY, REQUEST_ID_KEY
 from services.common.tracing import process_tracer_provider
 
 RETRY_SERVICE_CONFIG = json.dumps(
@@ -66,6 +74,8 @@ class _Forwarding:
         authorization = self._authorization()
         if authorization and "authorization" not in metadata:
             metadata["authorization"] = authorization
+        if not self._forward_caller or principal_var.get() is SERVICE:
+            metadata[MESH_CALL_KEY] = "1"
         request_id = request_id_var.get()
         if request_id and REQUEST_ID_KEY not in metadata:
             metadata[REQUEST_ID_KEY] = request_id

@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from ragmesh.telemetry.v1 import metrics_pb2_grpc
 from services.common.auth import Authenticator
-from services.common.interceptors import CallInterceptor
+from services.common.interceptors import CallerLimit, CallInterceptor
 from services.common.metrics import SERVICE_NAME as METRICS_SERVICE
 from services.common.metrics import MetricsServicer, ServerMetrics
 from services.common.settings import ServiceSettings
@@ -91,7 +91,10 @@ async def create_server(
 
         interceptors.append(aio_server_interceptor(tracer_provider=tracer_provider))
     metrics = ServerMetrics(settings.service_name(), settings.otlp_endpoint)
-    interceptors.append(CallInterceptor(Authenticator(settings), metrics))
+    caller_limit = CallerLimit(
+        settings.max_calls_per_caller, settings.env_name("max_calls_per_caller")
+    )
+    interceptors.append(CallInterceptor(Authenticator(settings), metrics, caller_limit))
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),

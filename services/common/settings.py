@@ -42,6 +42,12 @@ class ServiceSettings(BaseSettings):
     otlp_endpoint: str = ""
     # Largest message the server accepts or sends, bytes.
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    # Calls one caller (subject and tenant) may have in flight on this server, streams
+    # counted while open; past it RESOURCE_EXHAUSTED. 0: no limit. 64 is far above what a
+    # client does (a chat stream, a few uploads, watches and searches) and what the
+    # mesh's load test opens per key, yet stops one runaway client from holding every
+    # handler. Health, reflection, metrics and the mesh's own calls are not limited.
+    max_calls_per_caller: int = Field(default=64, ge=0)
 
     @field_validator("log_level")
     @classmethod
@@ -59,6 +65,11 @@ class ServiceSettings(BaseSettings):
                 raise ValueError("an API key must not be empty")
             parse_principal(principal)
         return value
+
+    @classmethod
+    def env_name(cls, field_name: str) -> str:
+        """The environment variable of a setting: RAGMESH_INGEST_PORT for ingest's port."""
+        return f"{cls.model_config.get('env_prefix', '')}{field_name}".upper()
 
     @classmethod
     def service_name(cls) -> str:

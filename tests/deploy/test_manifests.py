@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from services.common.context import ADMIN_SCOPE, parse_principal
+from services.common.interceptors import SERVICE_SCOPE
 from services.common.settings import ServiceSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -484,7 +485,8 @@ def test_services_that_call_embed_send_a_key_embed_accepts(overlay, secrets):
         sent[caller] = own_secret(secrets, caller)[prefix + "EMBED_API_KEY"]
         principal = parse_principal(accepted[sent[caller]])
         assert principal.subject == caller and principal.tenant
-        assert not principal.scopes
+        # A service's own key: out of the per-caller limit, and never admin.
+        assert principal.scopes == {SERVICE_SCOPE}
     # Each caller has a key of its own, and embed holds only theirs.
     assert len(set(sent.values())) == len(sent)
     assert set(accepted) == set(sent.values())
@@ -495,7 +497,8 @@ def test_telemetry_pods_send_their_peers_a_key_they_accept(secrets):
     telemetry = own_secret(secrets, "telemetry")
     sent = telemetry["RAGMESH_TELEMETRY_PEER_API_KEY"]
     principal = parse_principal(api_keys(secrets, "telemetry")[sent])
-    assert principal.subject == "telemetry" and principal.tenant and not principal.scopes
+    assert principal.subject == "telemetry" and principal.tenant
+    assert principal.scopes == {SERVICE_SCOPE}
     assert sent not in api_keys(secrets, "ingest")
 
 
