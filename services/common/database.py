@@ -29,6 +29,11 @@ from services.common.errors import Unavailable
 # Where a failure to reach the database surfaces: the asyncpg driver raises the socket's
 # own error (connection refused) through SQLAlchemy when it cannot connect.
 _DATABASE_MODULES = ("sqlalchemy", "asyncpg", "aiosqlite")
+# PostgreSQL's SQLSTATE classes for a server that cannot serve now: 08 connection exceptions,
+# 57 operator intervention (shutting down, crashed, starting up: 57P01-57P03), 53 out of
+# resources (too many connections). asyncpg raises these as its own error types, which
+# SQLAlchemy wraps as a plain DBAPIError.
+_UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "57")
 
 
 def unreachable(exc: BaseException) -> Unavailable | None:
@@ -36,9 +41,11 @@ def unreachable(exc: BaseException) -> Unavailable | None:
     down or restarting, connection lost, SQLite file unopenable or locked past the busy
     timeout); None for any other error, including a broken query or a corrupt file."""
     if isinstance(exc, sa_exc.DBAPIError):
+        sqlstate = getattr(exc.orig, "sqlstate", None) or ""
         if not (
             exc.connection_invalidated
             or isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError))
+            or sqlstate.startswith(_UNAVAILABLE_SQLSTATE_CLASSES)
         ):
             return None
         cause = str(exc.orig) if exc.orig is not None else str(exc)

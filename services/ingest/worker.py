@@ -10,7 +10,7 @@ import uuid
 import numpy as np
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.common.database import writing
+from services.common.database import unreachable, writing
 from services.common.errors import DeadlineExceeded, ServiceError, Unavailable
 from services.ingest import storage
 from services.ingest.blobs import BlobStore
@@ -73,6 +73,8 @@ class WorkerPool:
         # One lease owner per worker, so a job one of them lost is not another's to finish.
         self._owners = [f"{process}-{n}" for n in range(settings.workers)]
         self._tasks: list[asyncio.Task] = []
+        # While the database cannot be reached, each poll fails alike: said once, not per poll.
+        self._database_down = False
 
     def start(self) -> None:
         self._tasks = [
@@ -126,10 +128,18 @@ class WorkerPool:
     async def _claim(self, owner: str) -> JobRow | None:
         try:
             async with writing(self._sessions) as session:
-                return await storage.claim_job(session, owner, self._settings.job_lease_seconds)
-        except Exception:
-            _LOGGER.exception("could not take a job; retrying")
+                job = await storage.claim_job(session, owner, self._settings.job_lease_seconds)
+        except Exception as exc:
+            if (down := unreachable(exc)) is None:
+                _LOGGER.exception("could not take a job; retrying")
+            elif not self._database_down:
+                self._database_down = True
+                _LOGGER.warning("the workers wait for the database: %s", down.message)
             return None
+        if self._database_down:
+            self._database_down = False
+            _LOGGER.warning("the database is reachable again; the workers go on")
+        return job
 
     async def _keep_lease(self, job: JobRow, claimed_at: float) -> None:
         """Renews the job's lease; returns once it is lost: taken over, or not renewed
