@@ -1,8 +1,11 @@
 """The continuous-batching loop of the in-process backends (transformers, llama.cpp).
 
 One decode thread per engine. Requests wait in a bounded queue, join the running batch
-at the next step (their prompt runs alone first) and leave it as soon as they finish or
-are cancelled, so concurrent requests share forward passes without waiting for each other.
+once their prompt is in and leave it as soon as they finish or are cancelled, so
+concurrent requests share forward passes without waiting for each other. A backend may
+prefill prompts in chunks (`_prefill_budget` prompt tokens per round): each round then
+runs at most that many prompt tokens of the joining requests, then one decode step of
+the running ones, so a long prompt does not stall the streams already running.
 
 A failure that belongs to one request (its prompt, its logits) fails that request only.
 A failure of a batched step fails the running requests and restarts the engine: fresh
@@ -44,6 +47,8 @@ class Request:
     submitted: float
     admitted: float = 0.0
     first_token: float = 0.0
+    # Prompt tokens in the cache, while the request joins.
+    prefilled: int = 0
     generated: int = 0
     next_token: int = 0
     cancelled: bool = False
@@ -60,6 +65,10 @@ class Request:
 class BatchingEngine:
     """Queue, batch membership, cancellation and restarts; the model runs in the hooks."""
 
+    # Prompt tokens prefilled per round of the loop, over all joining requests; None
+    # runs each prompt whole.
+    _prefill_budget: int | None = None
+
     def __init__(
         self, tokenizer, eos: frozenset[int], info: EngineInfo, max_batch: int, max_queue: int
     ) -> None:
@@ -70,6 +79,8 @@ class BatchingEngine:
         self._max_queue = max_queue
         self._cv = threading.Condition()
         self._pending: deque[Request] = deque()
+        # Admitted requests whose prompts are going in, in arrival order (decode thread).
+        self._joining: deque[Request] = deque()
         # The batch, touched only by the decode thread; hooks see rows in this order.
         self._active: list[Request] = []
         # Every accepted request not yet finished (waiting, joining or in the batch), by key.
@@ -92,9 +103,14 @@ class BatchingEngine:
 
     # -- backend hooks, on the decode thread -----------------------------------------------
 
-    def _prefill(self, request: Request) -> int:
-        """Runs the prompt alone and samples the first token; a raise fails this request."""
+    def _prefill(self, request: Request, count: int) -> int | None:
+        """Runs the next count prompt tokens of the request (from request.prefilled) and,
+        once its whole prompt is in, samples and returns its first token; None while more
+        remains. A raise fails this request."""
         raise NotImplementedError
+
+    def _abandon(self, request: Request) -> None:
+        """Frees what a request that leaves before joining the batch holds."""
 
     def _join(self, request: Request) -> None:
         """Adds a prefilled request to the batch state; a raise fails the batch."""
@@ -173,7 +189,7 @@ class BatchingEngine:
                 self._draining = True
             else:
                 self._closing = True
-                for request in [*self._pending, *self._active]:
+                for request in [*self._pending, *self._joining, *self._active]:
                     request.cancelled = True
             self._cv.notify()
         await asyncio.to_thread(self._thread.join)
@@ -227,10 +243,17 @@ class BatchingEngine:
                     self._restart(exc)
 
     def _restart(self, exc: Exception) -> None:
-        """Fails the running requests, drops the batch state and probes until the model works."""
+        """Fails the running requests, drops the batch state and probes until the model works.
+        Joining requests have sent nothing yet: they wait at the front of the queue, to
+        prefill again."""
         self._set_failure(f"a decode step failed ({error_text(exc)}); restarting")
         running, self._active = self._active, []
-        self._reset(running)
+        joining, self._joining = list(self._joining), deque()
+        self._reset([*running, *joining])
+        for request in joining:
+            request.state, request.prefilled = None, 0
+        with self._cv:
+            self._pending.extendleft(reversed(joining))
         error = Unavailable(
             "generation failed on the server mid-stream and the model restarted; retry",
             reason="BATCH_FAILED",
@@ -274,53 +297,63 @@ class BatchingEngine:
 
     def _next_round(self) -> bool:
         with self._cv:
-            while not (self._pending or self._active or self._closing or self._draining):
+            while not (
+                self._pending or self._joining or self._active or self._closing or self._draining
+            ):
                 self._cv.wait()
-            if (self._closing or self._draining) and not self._pending and not self._active:
+            if (self._closing or self._draining) and not (
+                self._pending or self._joining or self._active
+            ):
                 return False
             for request in [r for r in self._pending if r.cancelled]:
                 self._pending.remove(request)
                 self._finish(request, FinishReason.CANCELLED)
-            admitted: list[Request] = []
             while (
                 self._pending
-                and len(self._active) + len(admitted) < self._max_batch
-                and self._fits(self._pending[0], admitted)
+                and len(self._active) + len(self._joining) < self._max_batch
+                and self._fits(self._pending[0], list(self._joining))
             ):
-                admitted.append(self._pending.popleft())
-        for index, request in enumerate(admitted):
-            try:
-                self._admit(request)
-            except Exception:
-                # Those not admitted yet wait at the front for the restarted engine.
-                with self._cv:
-                    self._pending.extendleft(reversed(admitted[index + 1 :]))
-                raise
+                request = self._pending.popleft()
+                request.admitted = time.perf_counter()
+                self._joining.append(request)
+        self._prefill_round()
         self._retire()
         if self._active:
             self._decode_step()
             self._retire()
         return True
 
-    def _admit(self, request: Request) -> None:
-        request.admitted = time.perf_counter()
-        if request.cancelled:
+    def _prefill_round(self) -> None:
+        """Runs up to the budget's prompt tokens of the joining requests, oldest first;
+        each whose prompt is in joins the batch with its first token."""
+        for request in [r for r in self._joining if r.cancelled]:
+            self._joining.remove(request)
+            self._abandon(request)
             self._finish(request, FinishReason.CANCELLED)
-            return
-        try:
-            token = self._prefill(request)
-        except Exception as exc:
-            if request.cancelled:
-                # A backend may stop the prompt of a cancelled request part way.
-                self._finish(request, FinishReason.CANCELLED)
-            else:
-                error = self._request_error(request, exc)
-                self._finish(request, FinishReason.CANCELLED, error=error)
-            return
-        # In the batch before joining it: a failed join fails it with the batch.
-        self._active.append(request)
-        self._join(request)
-        self._accept(request, token)
+        budget = self._prefill_budget
+        while self._joining and (budget is None or budget > 0):
+            request = self._joining[0]
+            remaining = len(request.job.prompt_ids) - request.prefilled
+            count = remaining if budget is None else min(budget, remaining)
+            try:
+                token = self._prefill(request, count)
+            except Exception as exc:
+                self._joining.popleft()
+                self._abandon(request)
+                self._finish(
+                    request, FinishReason.CANCELLED, error=self._request_error(request, exc)
+                )
+                continue
+            request.prefilled += count
+            if budget is not None:
+                budget -= count
+            if token is None:
+                continue
+            self._joining.popleft()
+            # In the batch before joining it: a failed join fails it with the batch.
+            self._active.append(request)
+            self._join(request)
+            self._accept(request, token)
 
     def _decode_step(self) -> None:
         out = self._forward()

@@ -2,9 +2,11 @@
 
 The model runs from its GGUF file as shipped, quantized, through llama-cpp-python's
 low-level API: one llama.cpp context whose batch carries one sequence id per request.
-A request's prompt is decoded alone into its own sequence of the KV cache; each step
-then decodes the next token of every running request in one llama_decode and samples
-each from its own row of logits: the repetition penalty applied to the row, then the
+A request's prompt is decoded into its own sequence of the KV cache, at most 512 prompt
+tokens per round of the batching loop, each round's chunk followed by a step of the
+running requests, so those keep streaming while a long prompt goes in; each step
+decodes the next token of every running request in one llama_decode and samples each
+from its own row of logits: the repetition penalty applied to the row, then the
 best token, or a draw through the request's own sampler chain (temperature, top-k,
 top-p, a seeded draw). The KV cache holds one context window shared by the batch: a
 request joins once its prompt plus max_new_tokens fit beside the reservations of those
@@ -37,8 +39,9 @@ _LLAMA_LOGGER = logging.getLogger("llama_cpp")
 
 # llama_decode's answer when the KV cache has no room for the batch.
 _NO_KV_SLOT = 1
-# Prompt tokens per llama_decode call (llama.cpp's own micro-batch by default): a
-# cancelled request stops its prefill at the next chunk.
+# Prompt tokens per round of the batching loop, one llama_decode (llama.cpp's own
+# micro-batch by default): the running requests step between two chunks, and a
+# cancelled request stops its prefill at the next one.
 _PREFILL_CHUNK = 512
 # As llama_sampler_init_dist reads it: this seed means "draw one at random".
 _RANDOM_SEED = 0xFFFFFFFF
@@ -57,10 +60,6 @@ def _log(level: int, text: bytes, _user_data) -> None:
 
 llama_cpp.llama_log_set(_log, ctypes.c_void_p(0))
 llama_cpp.llama_backend_init()
-
-
-class PrefillCancelled(Exception):
-    """The prompt's request was cancelled between two chunks of its prefill."""
 
 
 class DecodeError(RuntimeError):
@@ -168,19 +167,15 @@ class LlamaModel:
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
-    def prefill(self, seq: int, ids: list[int], cancelled=None) -> None:
-        """Decodes a prompt into sequence seq (from position 0), in chunks of up to
-        _PREFILL_CHUNK tokens; the logits of its last token are then logits(-1). Between
-        chunks it raises PrefillCancelled once cancelled() is true."""
-        size = min(self.n_batch, _PREFILL_CHUNK)
-        for start in range(0, len(ids), size):
-            if start and cancelled is not None and cancelled():
-                raise PrefillCancelled(f"cancelled after {start} of {len(ids)} prompt tokens")
-            chunk = ids[start : start + size]
-            last = start + len(chunk) == len(ids)
+    def prefill(self, seq: int, ids: list[int], start: int = 0) -> None:
+        """Decodes prompt tokens into sequence seq from position start, in chunks of up to
+        n_batch tokens; the logits of the last one are then logits(-1)."""
+        for at in range(0, len(ids), self.n_batch):
+            chunk = ids[at : at + self.n_batch]
+            last = at + len(chunk) == len(ids)
             self._decode(
                 [
-                    (seq, start + i, token, last and i == len(chunk) - 1)
+                    (seq, start + at + i, token, last and i == len(chunk) - 1)
                     for i, token in enumerate(chunk)
                 ]
             )
@@ -280,6 +275,7 @@ class LlamaCppEngine(BatchingEngine):
                 bos_token=model.token_text(llama_cpp.llama_vocab_bos(model.vocab)),
             )
         self._free_seqs = list(range(max_batch))
+        self._prefill_budget = min(model.n_batch, _PREFILL_CHUNK)
         self._start_thread()
 
     def memory_bytes(self) -> int:
@@ -310,18 +306,22 @@ class LlamaCppEngine(BatchingEngine):
         reserved = sum(_reservation(r) for r in [*self._active, *joining])
         return reserved + _reservation(request) <= self.model.n_ctx
 
-    def _prefill(self, request: Request) -> int:
+    def _prefill(self, request: Request, count: int) -> int | None:
         ids = request.job.prompt_ids
-        state = _State(self._free_seqs.pop(), self._sampler(request), self.model.n_vocab)
-        request.state = state
-        try:
+        state: _State = request.state
+        if state is None:
+            state = _State(self._free_seqs.pop(), self._sampler(request), self.model.n_vocab)
+            request.state = state
             state.see(ids)
-            self.model.prefill(state.seq, ids, cancelled=lambda: request.cancelled)
-            state.position = len(ids)
-            return self._sample(request, None, -1)
-        except Exception:
-            self._release_state(request)
-            raise
+        start = request.prefilled
+        self.model.prefill(state.seq, ids[start : start + count], start)
+        state.position = start + count
+        if state.position < len(ids):
+            return None
+        return self._sample(request, None, -1)
+
+    def _abandon(self, request: Request) -> None:
+        self._release_state(request)
 
     def _forward(self) -> None:
         self.model.step([(r.state.seq, r.state.position, r.next_token) for r in self._active])
@@ -352,7 +352,7 @@ class LlamaCppEngine(BatchingEngine):
     def _drop(self, keep: list[int], gone: list[Request]) -> None:
         for request in gone:
             self._release_state(request)
-        if not keep:
+        if not keep and not self._joining:
             # An empty cache starts again from its first cell: a request that runs alone
             # always has the same layout, hence the same logits.
             self.model.clear(data=False)

@@ -64,7 +64,8 @@ class TransformersEngine(BatchingEngine):
     def _thread_context(self):
         return torch.inference_mode()
 
-    def _prefill(self, request: Request) -> int:
+    def _prefill(self, request: Request, count: int) -> int:
+        """The whole prompt at once (no prefill budget): count is its length."""
         device = self.model.device
         ids = torch.tensor([request.job.prompt_ids], device=device)
         generator = torch.Generator(device=device).manual_seed(request.seed)

@@ -233,12 +233,12 @@ class FaultInjectingLlama(FaultInjectingModel):
     `gate` is clear every decode waits, and `held` is set once one does.
     """
 
-    def prefill(self, seq: int, ids: list[int], cancelled=None) -> None:
+    def prefill(self, seq: int, ids: list[int], start: int = 0) -> None:
         self.pass_gate()
         prompt = tuple(ids)
         if prompt in self.raise_on_prompt:
             raise self.raise_on_prompt[prompt]
-        self.model.prefill(seq, ids, cancelled)
+        self.model.prefill(seq, ids, start)
         if prompt in self.nan_on_prompt:
             self.model.logits(-1)[:] = np.nan
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -448,5 +449,104 @@ async def test_llama_cpp_stops_the_prefill_of_a_cancelled_request_at_the_next_ch
             FinishReason.LENGTH,
             FinishReason.EOS,
         )
+    finally:
+        await engine.close()
+
+
+async def test_llama_cpp_keeps_a_running_stream_going_while_a_long_prompt_joins(
+    models_dir, monkeypatch
+):
+    settings = LlmSettings(models_dir=models_dir)
+    model = catalogue.DEFAULT_MODEL_NAME
+    resolved = catalogue.resolve(model, "", models_dir, settings.resolved_model_roots)
+    options, device = check_options(LoadOptions(model=model), settings, resolved)
+    engine = await asyncio.to_thread(
+        load_llama_cpp, resolved, options, device, max_batch=2, max_queue=2, max_context=2048
+    )
+    greedy = {"temperature": 0.0, "repetition_penalty": 1.0}
+    try:
+        ids = engine.encode("the quick brown fox jumps over the lazy dog. " * 120)
+        assert len(ids) > 2 * llama_backend._PREFILL_CHUNK
+        long = Job("long", GenerationParams(max_new_tokens=8, **greedy), prompt_ids=ids)
+        alone = await _drain(engine.stream(long))
+        assert alone[-1].finish_reason is FinishReason.LENGTH
+
+        # Every llama_decode, in order: a step gives each running sequence its next token.
+        calls = []
+        decode = engine.model._decode
+
+        def logging_decode(entries):
+            decode(entries)
+            step = all(logits for *_, logits in entries)
+            calls.append(("step" if step else "prefill", {seq for seq, *_ in entries}))
+
+        monkeypatch.setattr(engine.model, "_decode", logging_decode)
+        counting = engine.encode("1, 2, 3, 4, 5, 6, 7, 8, 9,")
+        params = GenerationParams(max_new_tokens=400, **greedy)
+        running = Job("running", params, prompt_ids=counting)
+        stream = engine.stream(running)
+        assert isinstance(await anext(stream), Delta)  # it is running
+        (seq,) = calls[-1][1]
+        arrival = len(calls)
+        beside = await _drain(engine.stream(long))
+        chunks = [i for i, (kind, _) in enumerate(calls) if kind == "prefill" and i >= arrival]
+        assert len(chunks) == 3
+        # Between the long prompt's first chunk and its first token the stream advanced.
+        got = sum(
+            1 for kind, seqs in calls[chunks[0] : chunks[-1]] if kind == "step" and seq in seqs
+        )
+        assert got == len(chunks) - 1
+        assert beside[-1] == replace(alone[-1], **_timings(beside[-1]))
+        assert [e.text for e in beside[:-1]] == [e.text for e in alone[:-1]]
+        assert engine.cancel(running.key)
+        assert (await _drain(stream))[-1].finish_reason is FinishReason.CANCELLED
+    finally:
+        await engine.close()
+
+
+def _timings(result: Result) -> dict:
+    names = ("queue_seconds", "time_to_first_token_seconds", "total_seconds")
+    return {name: getattr(result, name) for name in names}
+
+
+async def test_llama_cpp_a_failed_step_sends_a_joining_prompt_back_to_the_queue(
+    models_dir, monkeypatch
+):
+    settings = LlmSettings(models_dir=models_dir)
+    model = catalogue.DEFAULT_MODEL_NAME
+    resolved = catalogue.resolve(model, "", models_dir, settings.resolved_model_roots)
+    options, device = check_options(LoadOptions(model=model), settings, resolved)
+    engine = await asyncio.to_thread(
+        load_llama_cpp, resolved, options, device, max_batch=2, max_queue=2, max_context=2048
+    )
+    engine.model = FaultInjectingLlama(engine.model)
+    greedy = {"temperature": 0.0, "repetition_penalty": 1.0}
+    try:
+        ids = engine.encode("the quick brown fox jumps over the lazy dog. " * 120)
+        long = Job("long", GenerationParams(max_new_tokens=8, **greedy), prompt_ids=ids)
+        alone = await _drain(engine.stream(long))
+        prefill, armed = engine.model.prefill, []
+
+        def failing_after_the_first_chunk(seq, chunk, start=0):
+            prefill(seq, chunk, start)
+            if len(chunk) == llama_backend._PREFILL_CHUNK and not armed:
+                armed.append(seq)
+                engine.model.fail_next_decode_step(RuntimeError("injected: step failed"))
+
+        monkeypatch.setattr(engine.model, "prefill", failing_after_the_first_chunk)
+        params = GenerationParams(max_new_tokens=400, **greedy)
+        running = Job("running", params, prompt_ids=engine.encode("1, 2, 3, 4, 5,"))
+        stream = engine.stream(running)
+        assert isinstance(await anext(stream), Delta)
+        # The step after the long prompt's first chunk fails: the running stream fails,
+        # and the prompt, which had sent nothing, runs again from its start.
+        beside = await _drain(engine.stream(long))
+        assert armed
+        with pytest.raises(Unavailable) as caught:
+            await _drain(stream)
+        assert caught.value.reason == "BATCH_FAILED"
+        assert [e.text for e in beside[:-1]] == [e.text for e in alone[:-1]]
+        assert beside[-1].finish_reason is FinishReason.LENGTH
+        assert engine.failure == ""
     finally:
         await engine.close()
