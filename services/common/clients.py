@@ -21,6 +21,8 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -53,6 +55,24 @@ RETRY_SERVICE_CONFIG = json.dumps(
 )
 
 StubT = TypeVar("StubT")
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def upstream_reason(exc: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo reason an upstream's error carries (google.rpc.Status in the trailing
+    metadata), or "" when it carries none."""
+    for key, value in exc.trailing_metadata() or ():
+        if key != _STATUS_DETAILS_KEY:
+            continue
+        info = error_details_pb2.ErrorInfo()
+        try:
+            details = status_pb2.Status.FromString(value).details
+            if any(detail.Unpack(info) for detail in details):
+                return info.reason
+        except DecodeError:
+            pass
+        return ""
+    return ""
 
 
 class _Forwarding:
@@ -173,10 +193,14 @@ class Upstream(Generic[StubT]):
                 reason="UPSTREAM_UNAVAILABLE",
                 metadata={"upstream": self.name},
             )
+        metadata = {"upstream": self.name, "upstream_code": code.name}
+        if reason := upstream_reason(exc):
+            # The upstream's own reason, e.g. QUEUE_FULL: busy, worth a retry later.
+            metadata["upstream_reason"] = reason
         error = ServiceError(
             f"{self.name} service failed: {exc.details()}",
             reason="UPSTREAM_ERROR",
-            metadata={"upstream": self.name, "upstream_code": code.name},
+            metadata=metadata,
         )
         error.code = code
         return error

@@ -28,6 +28,10 @@ _LOGGER = logging.getLogger(__name__)
 
 _ACTIVE = (storage.PENDING, storage.PARSING, storage.CHUNKING, storage.EMBEDDING)
 _CHUNK_NAMESPACE = uuid.UUID("5b0f6c1e-8f43-4f5e-9d0a-3c7f2f1d9e41")
+# Upstream reasons that mean "busy now, retry later": embed's full queue
+# (RAGMESH_EMBED_MAX_QUEUED_TEXTS) and the per-caller limit on calls in flight. A request
+# that can never fit is answered otherwise (TOO_MANY_TEXTS, TEXT_TOO_LONG) and fails.
+_BUSY_REASONS = frozenset({"QUEUE_FULL", "CALLER_CALL_LIMIT"})
 
 
 class _Gone(Exception):
@@ -238,7 +242,10 @@ class WorkerPool:
         except (Unavailable, DeadlineExceeded) as exc:
             await self._retry_or_fail(job, exc.message)
         except ServiceError as exc:
-            await self._fail(job, exc.message)
+            if exc.metadata.get("upstream_reason") in _BUSY_REASONS:
+                await self._retry_or_fail(job, exc.message)
+            else:
+                await self._fail(job, exc.message)
         except Exception:
             _LOGGER.exception("processing document %s failed unexpectedly", document_id)
             await self._retry_or_fail(job, "an internal error stopped processing (see the log)")
