@@ -43,8 +43,10 @@ async def load_backend(settings: EmbedSettings) -> Backend:
                 ) from exc
             _LOGGER.warning("serving %s on torch: %s", settings.model, exc)
         else:
-            # One onnxruntime thread per shard when a batch is split across cores.
-            threads = 1 if compute_shards("cpu", settings.compute_threads) > 1 else 0
+            # One onnxruntime thread per shard when a batch is split across cores, else
+            # one pass on onnxruntime's default threads (one per core).
+            shards = compute_shards("cpu", settings.compute_threads, OnnxBackend.splits_by_default)
+            threads = 1 if shards > 1 else 0
             return await asyncio.to_thread(OnnxBackend, folder, settings.onnx_precision, threads)
     model = await asyncio.to_thread(load_model, settings.model, settings.device)
     return TorchBackend(model)

@@ -139,6 +139,10 @@ class Backend(Protocol):
     device: str
     # Prefix per kind ("query", "document") put before each text.
     prompts: dict[str, str]
+    # Whether, on CPU with COMPUTE_THREADS=0, a batch is split into one single-thread
+    # shard per core (torch: measured faster) rather than run as one pass whose model
+    # threads use every core (onnxruntime: measured faster).
+    splits_by_default: bool
 
     def init_compute_thread(self) -> None:
         """Runs in each compute thread when a batch is split into several shards."""
@@ -150,9 +154,17 @@ class Backend(Protocol):
         """Each text's token character spans, without special tokens or truncation."""
 
 
-def compute_shards(device: str, compute_threads: int) -> int:
-    """How many shards a batch is split into: one per compute thread on CPU, else one."""
-    return (compute_threads or _cpu_count()) if device.startswith("cpu") else 1
+def compute_shards(device: str, compute_threads: int, splits_by_default: bool) -> int:
+    """How many shards a batch is split into.
+
+    On CPU: `compute_threads`, or when it is 0 one per core for a backend that
+    `splits_by_default`, else one. On an accelerator: one.
+    """
+    if not device.startswith("cpu"):
+        return 1
+    if compute_threads:
+        return compute_threads
+    return _cpu_count() if splits_by_default else 1
 
 
 class Embedder:
@@ -187,11 +199,13 @@ class Embedder:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         # Texts of the requests in the queue, not yet taken into a batch.
         self.queued_texts = 0
-        # On CPU a batch is split into shards encoded side by side, one thread each, and
-        # one model thread per shard: measured faster than one pass using every core
-        # (fewer synchronisations), and it does not collapse when another process takes a
-        # core. An accelerator gets one shard.
-        self._shards = compute_shards(self.info.device, compute_threads)
+        # Shards of a batch are encoded side by side, one compute thread and one model
+        # thread each. On torch (CPU) one shard per core is the default: measured faster
+        # than one pass using every core. On onnxruntime one pass whose intra-op threads
+        # use every core is: 0.99x direct onnxruntime against 0.89x for a shard per core
+        # on 128 chunks of 256 tokens, and no faster split for short texts
+        # (docs/decisions.md). An accelerator gets one shard.
+        self._shards = compute_shards(self.info.device, compute_threads, backend.splits_by_default)
         self._executor = ThreadPoolExecutor(
             self._shards,
             thread_name_prefix="embed-model",
@@ -342,6 +356,8 @@ class Embedder:
         """Runs one batch, split into shards that encode side by side on the compute threads."""
         loop = asyncio.get_running_loop()
         shards = min(self._shards, len(texts))
+        if shards == 1:
+            return await loop.run_in_executor(self._executor, self._backend.encode, texts)
         # Deal texts sorted by length round-robin, so every shard has similar work and
         # little padding; then put the rows back in input order.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))

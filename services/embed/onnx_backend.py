@@ -17,6 +17,7 @@ MODEL_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 
 class OnnxBackend:
     device = "cpu"
+    splits_by_default = False
 
     def __init__(self, folder: Path, precision: str = "fp32", threads: int = 0) -> None:
         """Loads `folder`; `threads` is onnxruntime's intra-op threads per run (0: one per core)."""
@@ -52,24 +53,50 @@ class OnnxBackend:
         """Nothing per thread: the session's thread count was set when it was created."""
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
-        """One forward pass over `texts`: pooled vectors and each text's token count."""
+        """Pooled vectors of `texts` and each text's token count after truncation.
+
+        Texts are run in sub-batches of similar length, each padded to its own longest
+        text, so a short query batched with long chunks is not padded to their length.
+        """
         encodings = self._tokenizer.encode_batch(texts)
         counts = [len(encoding.ids) for encoding in encodings]
-        ids = np.zeros((len(texts), max(counts)), dtype=np.int64)
-        type_ids = np.zeros_like(ids)
-        mask = np.zeros_like(ids)
-        for row, encoding in enumerate(encodings):
-            ids[row, : counts[row]] = encoding.ids
-            type_ids[row, : counts[row]] = encoding.type_ids
-            mask[row, : counts[row]] = 1
-        feeds = {"input_ids": ids, "token_type_ids": type_ids, "attention_mask": mask}
-        (tokens,) = self._session.run(None, {name: feeds[name] for name in self._inputs})
-        weights = mask[:, :, None].astype(np.float32)
-        vectors = (tokens * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+        vectors = np.empty((len(texts), self.dimension), dtype=np.float32)
+        for rows in sub_batches(counts):
+            vectors[rows] = self._pooled([encodings[row] for row in rows])
         if self._normalize:
             vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        return vectors.astype(np.float32, copy=False), counts
+        return vectors, counts
+
+    def _pooled(self, encodings) -> np.ndarray:
+        """One forward pass, padded to the longest encoding; masked mean of its tokens."""
+        lengths = [len(encoding.ids) for encoding in encodings]
+        ids = np.zeros((len(encodings), max(lengths)), dtype=np.int64)
+        type_ids = np.zeros_like(ids)
+        mask = np.zeros_like(ids)
+        for row, (encoding, length) in enumerate(zip(encodings, lengths, strict=True)):
+            ids[row, :length] = encoding.ids
+            type_ids[row, :length] = encoding.type_ids
+            mask[row, :length] = 1
+        feeds = {"input_ids": ids, "token_type_ids": type_ids, "attention_mask": mask}
+        (tokens,) = self._session.run(None, {name: feeds[name] for name in self._inputs})
+        # The masked sum as one matrix product per row, without a weighted copy of tokens.
+        weights = mask.astype(np.float32)
+        summed = np.matmul(weights[:, None, :], tokens)[:, 0]
+        return summed / np.maximum(weights.sum(axis=1, keepdims=True), 1e-9)
 
     def token_spans(self, texts: list[str]) -> list[list[tuple[int, int]]]:
         encodings = self._spans_tokenizer.encode_batch(texts, add_special_tokens=False)
         return [list(encoding.offsets) for encoding in encodings]
+
+
+def sub_batches(counts: list[int]) -> list[list[int]]:
+    """Rows grouped for forward passes: longest first, a new group where padding a text to
+    its group's longest would more than double its tokens."""
+    order = sorted(range(len(counts)), key=lambda row: -counts[row])
+    groups = [[order[0]]]
+    for row in order[1:]:
+        if 2 * counts[row] < counts[groups[-1][0]]:
+            groups.append([row])
+        else:
+            groups[-1].append(row)
+    return groups

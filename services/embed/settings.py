@@ -40,8 +40,10 @@ class EmbedSettings(ServiceSettings):
     # joins the next batch at once.
     max_wait_ms: float = Field(default=20.0, ge=0, le=1000)
     linger_ms: float = Field(default=2.0, ge=0, le=1000)
-    # Threads that encode shards of a batch side by side on CPU, one model thread each;
-    # 0 is one per CPU core this process may use. Ignored on an accelerator.
+    # Threads that encode shards of a batch side by side on CPU, one model thread each.
+    # 0: on onnxruntime one shard, one pass whose threads use every core; on torch one
+    # shard per CPU core this process may use (each the faster there). Ignored on an
+    # accelerator.
     compute_threads: int = Field(default=0, ge=0, le=256)
     max_texts_per_request: int = Field(default=256, ge=1)
     max_chars_per_text: int = Field(default=100_000, ge=1)

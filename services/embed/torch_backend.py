@@ -4,6 +4,8 @@ import numpy as np
 
 
 class TorchBackend:
+    splits_by_default = True
+
     def __init__(self, model) -> None:
         """Serves a loaded SentenceTransformer."""
         self.model = model
