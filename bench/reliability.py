@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -196,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 0 < args.seconds < math.inf or args.fuzz_examples < 1:
         parser.error("--seconds must be a positive number and --fuzz-examples at least 1")
+    started = time.monotonic()
     print(f"start: {_load_average()}", flush=True)
     os.environ["RAGMESH_FUZZ_EXAMPLES"] = str(args.fuzz_examples)
     collector = Collector()
@@ -233,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
             failed.append("the load failed a call or lost something")
     for lines, _ in parts:
         print("\n" + "\n".join(lines))
-    print(f"\nend: {_load_average()}")
+    print(f"\nend: {_load_average()}; {time.monotonic() - started:.0f} s in all")
     verdict = f"FAILED ({', '.join(failed)})" if failed else "OK"
     print(f"reliability: {'; '.join(summary for _, summary in parts)}: {verdict}", flush=True)
     if failed:
