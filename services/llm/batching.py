@@ -3,9 +3,11 @@
 One decode thread per engine. Requests wait in a bounded queue, join the running batch
 once their prompt is in and leave it as soon as they finish or are cancelled, so
 concurrent requests share forward passes without waiting for each other. A backend may
-prefill prompts in chunks (`_prefill_budget` prompt tokens per round): each round then
-runs at most that many prompt tokens of the joining requests, then one decode step of
-the running ones, so a long prompt does not stall the streams already running.
+prefill prompts in chunks (up to `_prefill_chunk` prompt tokens): each round then runs
+one chunk's worth of the joining requests' prompts, then one decode step of the running
+ones, so a long prompt does not stall the streams already running. While requests run,
+a round's chunk is sized from the prefill's measured cost to take about
+_PREFILL_SLICE_SECONDS, their gap between two tokens (at least _MIN_PREFILL_CHUNK tokens).
 
 A failure that belongs to one request (its prompt, its logits) fails that request only.
 A failure of a batched step fails the running requests and restarts the engine: fresh
@@ -35,6 +37,9 @@ _LOGGER = logging.getLogger(__name__)
 
 # Seconds between probes of an engine that keeps failing after a restart, at most.
 _MAX_PROBE_INTERVAL = 30.0
+# While requests run, the seconds a round's prefill aims at, and its fewest prompt tokens.
+_PREFILL_SLICE_SECONDS = 0.25
+_MIN_PREFILL_CHUNK = 16
 
 
 @dataclass(eq=False)
@@ -65,9 +70,9 @@ class Request:
 class BatchingEngine:
     """Queue, batch membership, cancellation and restarts; the model runs in the hooks."""
 
-    # Prompt tokens prefilled per round of the loop, over all joining requests; None
-    # runs each prompt whole.
-    _prefill_budget: int | None = None
+    # Prompt tokens prefilled per round of the loop at most, over all joining requests;
+    # None runs each prompt whole.
+    _prefill_chunk: int | None = None
 
     def __init__(
         self, tokenizer, eos: frozenset[int], info: EngineInfo, max_batch: int, max_queue: int
@@ -93,6 +98,8 @@ class BatchingEngine:
         self._steps = 0
         self._stepped_rows = 0
         self._most_rows = 0
+        # Seconds per prompt token of the recent prefill chunks (0 before the first).
+        self._prompt_token_seconds = 0.0
 
     def _start_thread(self) -> None:
         """Starts the decode thread; subclasses call it once their model is in place."""
@@ -330,11 +337,12 @@ class BatchingEngine:
             self._joining.remove(request)
             self._abandon(request)
             self._finish(request, FinishReason.CANCELLED)
-        budget = self._prefill_budget
+        budget = self._round_budget()
         while self._joining and (budget is None or budget > 0):
             request = self._joining[0]
             remaining = len(request.job.prompt_ids) - request.prefilled
             count = remaining if budget is None else min(budget, remaining)
+            started = time.perf_counter()
             try:
                 token = self._prefill(request, count)
             except Exception as exc:
@@ -347,6 +355,9 @@ class BatchingEngine:
             request.prefilled += count
             if budget is not None:
                 budget -= count
+                cost = (time.perf_counter() - started) / count
+                last = self._prompt_token_seconds or cost
+                self._prompt_token_seconds = 0.7 * last + 0.3 * cost
             if token is None:
                 continue
             self._joining.popleft()
@@ -354,6 +365,16 @@ class BatchingEngine:
             self._active.append(request)
             self._join(request)
             self._accept(request, token)
+
+    def _round_budget(self) -> int | None:
+        """Prompt tokens this round may prefill: a whole chunk while nothing runs, else
+        what takes about _PREFILL_SLICE_SECONDS at the measured cost."""
+        if self._prefill_chunk is None or not self._active:
+            return self._prefill_chunk
+        if not self._prompt_token_seconds:
+            return _MIN_PREFILL_CHUNK
+        fitting = int(_PREFILL_SLICE_SECONDS / self._prompt_token_seconds)
+        return max(_MIN_PREFILL_CHUNK, min(self._prefill_chunk, fitting))
 
     def _decode_step(self) -> None:
         out = self._forward()

@@ -2,9 +2,10 @@
 
 The model runs from its GGUF file as shipped, quantized, through llama-cpp-python's
 low-level API: one llama.cpp context whose batch carries one sequence id per request.
-A request's prompt is decoded into its own sequence of the KV cache, at most 512 prompt
-tokens per round of the batching loop, each round's chunk followed by a step of the
-running requests, so those keep streaming while a long prompt goes in; each step
+A request's prompt is decoded into its own sequence of the KV cache in chunks of at most
+512 tokens, fewer while others run (a round's chunk is sized to about a quarter second),
+each chunk followed by a step of the running requests, so those keep streaming while a
+long prompt goes in; each step
 decodes the next token of every running request in one llama_decode and samples each
 from its own row of logits: the repetition penalty applied to the row, then the
 best token, or a draw through the request's own sampler chain (temperature, top-k,
@@ -39,8 +40,8 @@ _LLAMA_LOGGER = logging.getLogger("llama_cpp")
 
 # llama_decode's answer when the KV cache has no room for the batch.
 _NO_KV_SLOT = 1
-# Prompt tokens per round of the batching loop, one llama_decode (llama.cpp's own
-# micro-batch by default): the running requests step between two chunks, and a
+# Prompt tokens per round of the batching loop at most, one llama_decode (llama.cpp's
+# own micro-batch by default): the running requests step between two chunks, and a
 # cancelled request stops its prefill at the next one.
 _PREFILL_CHUNK = 512
 # As llama_sampler_init_dist reads it: this seed means "draw one at random".
@@ -275,7 +276,7 @@ class LlamaCppEngine(BatchingEngine):
                 bos_token=model.token_text(llama_cpp.llama_vocab_bos(model.vocab)),
             )
         self._free_seqs = list(range(max_batch))
-        self._prefill_budget = min(model.n_batch, _PREFILL_CHUNK)
+        self._prefill_chunk = min(model.n_batch, _PREFILL_CHUNK)
         self._start_thread()
 
     def memory_bytes(self) -> int:

@@ -490,7 +490,7 @@ async def test_llama_cpp_keeps_a_running_stream_going_while_a_long_prompt_joins(
         arrival = len(calls)
         beside = await _drain(engine.stream(long))
         chunks = [i for i, (kind, _) in enumerate(calls) if kind == "prefill" and i >= arrival]
-        assert len(chunks) == 3
+        assert len(chunks) >= 3
         # Between the long prompt's first chunk and its first token the stream advanced.
         got = sum(
             1 for kind, seqs in calls[chunks[0] : chunks[-1]] if kind == "step" and seq in seqs
@@ -529,7 +529,7 @@ async def test_llama_cpp_a_failed_step_sends_a_joining_prompt_back_to_the_queue(
 
         def failing_after_the_first_chunk(seq, chunk, start=0):
             prefill(seq, chunk, start)
-            if len(chunk) == llama_backend._PREFILL_CHUNK and not armed:
+            if 1 < len(chunk) < len(ids) and chunk == ids[: len(chunk)] and not armed:
                 armed.append(seq)
                 engine.model.fail_next_decode_step(RuntimeError("injected: step failed"))
 
