@@ -5,7 +5,9 @@ process; the direct calls run here with the same threads (RAGMESH_LLM_THREADS, e
 CPU) and context window. They alternate, round after round, so that the load of a shared
 machine falls on all alike; the figures are medians over the rounds. Beside them, bare
 llama_decode batches of one and of eight sequences (no sampling, no service) show how much
-llama.cpp itself gains from batching on this machine.
+llama.cpp itself gains from batching on this machine. Last, a stream that is running while
+a JOIN_PROMPT_TOKENS prompt joins: the gaps between its tokens while that prompt goes in,
+against its gaps before.
 """
 
 import asyncio
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from itertools import pairwise
 
 import grpc
 import psutil
@@ -27,6 +30,9 @@ from services.llm.llama_backend import LlamaModel, cpu_count
 from services.llm.settings import LlmSettings
 
 MAX_NEW_TOKENS = 64
+JOIN_PROMPT_TOKENS = 2000
+# Rounds that run the joining variant (its long prefill is most of a round's time).
+JOIN_ROUNDS = 2
 ROUNDS = 5
 CONTEXT = 8192
 PROMPTS = [
@@ -154,6 +160,49 @@ async def _one(
     return completion.usage.completion_tokens, first, time.perf_counter() - started, completion.text
 
 
+def _generate(prompt: str, max_new_tokens: int) -> llm_pb2.GenerateRequest:
+    return llm_pb2.GenerateRequest(
+        prompt=prompt,
+        overrides=llm_pb2.GenerationOverrides(
+            temperature=0.0, repetition_penalty=1.0, max_new_tokens=max_new_tokens
+        ),
+    )
+
+
+async def _joining(stub, long_prompt: str) -> tuple[list[float], list[float], float]:
+    """A counting stream runs; a long prompt joins it. The stream's gaps between tokens
+    before the long prompt arrives, those that overlap its prefill (arrival to first
+    token), and the long prompt's time to first token."""
+    running = stub.Generate(_generate("1, 2, 3, 4, 5, 6, 7, 8, 9,", 2000), timeout=600)
+    times: list[float] = []
+    window: list[float] = []
+
+    async def read() -> None:
+        async for response in running:
+            if response.WhichOneof("event") != "delta":
+                raise RuntimeError("the running stream ended before the long prompt was in")
+            times.append(time.perf_counter())
+            if len(times) == 16:
+                joined.set()
+            if len(window) == 2 and times[-1] > window[1]:
+                return
+
+    joined = asyncio.Event()
+    reader = asyncio.create_task(read())
+    await joined.wait()
+    window.append(time.perf_counter())
+    async for response in stub.Generate(_generate(long_prompt, 1), timeout=600):
+        if response.WhichOneof("event") == "delta":
+            window.append(time.perf_counter())
+            break
+    await reader
+    running.cancel()
+    gaps = [(a, b - a) for a, b in pairwise(times)]
+    before = [gap for a, gap in gaps[1:] if a + gap < window[0]]
+    during = [gap for a, gap in gaps if a < window[1] and a + gap > window[0]]
+    return before, during, window[1] - window[0]
+
+
 async def _ready(stub) -> llm_pb2.ModelStatus:
     deadline = time.monotonic() + 300
     while True:
@@ -172,10 +221,11 @@ async def _ready(stub) -> llm_pb2.ModelStatus:
 
 async def _rounds(port: int, service: psutil.Process, direct: Direct, bare: Bare) -> dict:
     """Per variant a list, one entry per round: first-token seconds, or (tokens, wall
-    seconds, CPU seconds)."""
-    figures: dict[str, list] = {
-        key: [] for key in ("d_ttft", "s_ttft", "d_one", "s_one", "s_eight", "b_one", "b_eight")
-    }
+    seconds, CPU seconds); the joining variant's gaps are pooled over its JOIN_ROUNDS."""
+    keys = ("d_ttft", "s_ttft", "d_one", "s_one", "s_eight", "b_one", "b_eight")
+    figures: dict[str, list] = {key: [] for key in (*keys, "gap_before", "gap_during", "j_ttft")}
+    sentence = "the quick brown fox jumps over the lazy dog. "
+    long_prompt = sentence * (JOIN_PROMPT_TOKENS // len(bare.model.tokenize(sentence)))
     here = psutil.Process()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = llm_pb2_grpc.LlmServiceStub(channel)
@@ -201,6 +251,11 @@ async def _rounds(port: int, service: psutil.Process, direct: Direct, bare: Bare
                 with Meter(here) as meter:
                     tokens = bare.run(n)
                 figures[key].append((tokens, meter.wall, meter.cpu))
+            if len(figures["j_ttft"]) < JOIN_ROUNDS:
+                before, during, first = await _joining(stub, long_prompt)
+                figures["gap_before"] += before
+                figures["gap_during"] += during
+                figures["j_ttft"].append(first)
         figures["same_text"] = same
         figures["status"] = status
     return figures
@@ -212,6 +267,12 @@ def _rates(runs: list[tuple[int, float, float]]) -> tuple[float, float]:
         statistics.median(t / wall for t, wall, _ in runs),
         statistics.median(t / cpu for t, _, cpu in runs),
     )
+
+
+def _ms(gaps: list[float], quantile: float) -> str:
+    """The quantile of gaps in milliseconds, nearest rank."""
+    ordered = sorted(gaps)
+    return f"{ordered[min(len(ordered) - 1, int(quantile * len(ordered)))] * 1000:.0f}"
 
 
 def main() -> None:
@@ -272,6 +333,14 @@ def main() -> None:
         f"{eight[1] / one[1]:.2f}x per CPU second (aim >= 2.5x); bare llama_decode "
         f"{rate['b_eight'][0] / rate['b_one'][0]:.2f}x, "
         f"{rate['b_eight'][1] / rate['b_one'][1]:.2f}x"
+    )
+    before, during = figures["gap_before"], figures["gap_during"]
+    print(
+        f"  long joins     running stream's gap between tokens: p50 / p99 / max "
+        f"{_ms(before, 0.5)} / {_ms(before, 0.99)} / {max(before) * 1000:.0f} ms before, "
+        f"{_ms(during, 0.5)} / {_ms(during, 0.99)} / {max(during) * 1000:.0f} ms while a "
+        f"{JOIN_PROMPT_TOKENS}-token prompt joins ({len(during)} gaps); its first token "
+        f"{statistics.median(figures['j_ttft']) * 1000:.0f} ms (median of {JOIN_ROUNDS})"
     )
     print(f"  same text      service and direct: {'yes' if figures['same_text'] else 'no'}")
     print(
