@@ -2,16 +2,12 @@
 
 import asyncio
 import contextlib
-import glob
-import os
-import shutil
-import tempfile
-from pathlib import Path
+import functools
 
 import grpc
-import pytest
+import throwaway_postgres
 
-from bench.load import ProcessMesh, free_port
+from bench.load import ProcessMesh
 from ragmesh.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from ragmesh.sessions.v1 import sessions_pb2_grpc
 
@@ -71,42 +67,5 @@ def postgres_server():
     """A PostgreSQL server of the test's own (a fault test stops it; the suite's shared
     one must stay up): yields its executor (stop it with executor.stopped()) and a URL
     maker for fresh databases."""
-    from pytest_postgresql.executors import PostgreSQLExecutor
-    from pytest_postgresql.janitor import DatabaseJanitor
-
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
-    if not found:
-        pytest.skip("PostgreSQL server binaries not installed (make setup installs them)")
-    executable = found[-1]
-    # Not under pytest's tmp_path, which the postgres user cannot enter.
-    base = Path(tempfile.mkdtemp(prefix="ragmesh-faults-pg-"))
-    if os.geteuid() == 0:
-        # PostgreSQL refuses to run as root: pg_ctl runs as the postgres user.
-        base.chmod(0o755)
-        shutil.chown(base, "postgres")
-        wrapper = base / "pg_ctl"
-        wrapper.write_text(f'#!/bin/sh\nexec runuser -u postgres -- {executable} "$@"\n')
-        wrapper.chmod(0o755)
-        executable = str(wrapper)
-    port = free_port()
-    executor = PostgreSQLExecutor(
-        executable=executable,
-        host="127.0.0.1",
-        port=port,
-        datadir=str(base / "data"),
-        unixsocketdir=str(base),
-        logfile=str(base / "postgres.log"),
-        startparams="-w",
-        dbname="postgres",
-    )
-
-    def create_database(name: str) -> str:
-        DatabaseJanitor(user="postgres", host="127.0.0.1", port=port, dbname=name).init()
-        return f"postgresql+asyncpg://postgres@127.0.0.1:{port}/{name}"
-
-    try:
-        with executor:
-            executor.wait_for_postgres()
-            yield executor, create_database
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    with throwaway_postgres.running("ragmesh-faults-pg-") as (executor, port):
+        yield executor, functools.partial(throwaway_postgres.create_database, port)
