@@ -6,7 +6,9 @@ import glob
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,10 +21,7 @@ def running(prefix: str) -> Iterator[tuple[object, int]]:
     user cannot enter); yields its executor and port, then removes the folder."""
     from pytest_postgresql.executors import PostgreSQLExecutor
 
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
-    if not found:
-        pytest.skip("PostgreSQL server binaries not installed (make setup installs them)")
-    executable = found[-1]
+    executable = _binary("pg_ctl")
     base = Path(tempfile.mkdtemp(prefix=prefix))
     if os.geteuid() == 0:
         # PostgreSQL refuses to run as root: pg_ctl runs as the postgres user instead.
@@ -47,10 +46,33 @@ def running(prefix: str) -> Iterator[tuple[object, int]]:
     )
     try:
         with executor:
-            executor.wait_for_postgres()
+            wait_until_accepting(port)
             yield executor, port
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _binary(name: str) -> str:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    if not found:
+        pytest.skip("PostgreSQL server binaries not installed (make setup installs them)")
+    return found[-1]
+
+
+def wait_until_accepting(port: int, seconds: float = 60) -> None:
+    """Returns once the server at port accepts connections. The executor's own wait ends
+    when the postmaster runs, while it may still answer "the database system is starting
+    up" (recovery after a stop); pg_isready succeeds only when connections are accepted."""
+    deadline = time.monotonic() + seconds
+    while True:
+        ready = subprocess.run(
+            [_binary("pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)], check=False
+        )
+        if ready.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"PostgreSQL on port {port} refused connections for {seconds} s")
+        time.sleep(0.1)
 
 
 def create_database(port: int, name: str) -> str:

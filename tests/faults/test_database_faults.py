@@ -6,6 +6,7 @@ import asyncio
 
 import grpc
 import pytest
+import throwaway_postgres
 from harness import (
     FINISHED,
     ingest_stub,
@@ -94,7 +95,7 @@ async def test_postgresql_stopped_gives_unavailable_and_the_services_recover(mes
 
         # Back (once it accepts connections; until then calls are UNAVAILABLE): the same
         # services answer, and new work goes through.
-        executor.wait_for_postgres()
+        throwaway_postgres.wait_until_accepting(executor.port)
         listed = await ingest.ListDocuments(ingest_pb2.ListDocumentsRequest(), timeout=30)
         assert before in {d.id for d in listed.documents}
         after = await upload(ingest, "after.txt", b"The lens was ground in Paris in 1871.")
