@@ -9,6 +9,13 @@ ones, so a long prompt does not stall the streams already running. While request
 a round's chunk is sized from the prefill's measured cost to take about
 _PREFILL_SLICE_SECONDS, their gap between two tokens (at least _MIN_PREFILL_CHUNK tokens).
 
+A request that comes with a deadline is admitted only if it can get its first token in
+time as far as the measured rates tell (see `expected_wait`); one that cannot is refused at
+once with RESOURCE_EXHAUSTED `DEADLINE_UNREACHABLE`, so its caller may retry later or with
+a longer deadline instead of waiting in the queue until its deadline passes. A request
+whose deadline passes before its first token leaves the queue (or stops its prefill) at the
+next round: gRPC cancels its call, and the loop checks the deadline itself as well.
+
 A failure that belongs to one request (its prompt, its logits) fails that request only.
 A failure of a batched step fails the running requests and restarts the engine: fresh
 batch state, a probe forward pass, and the waiting requests keep their place. While the
@@ -20,6 +27,7 @@ on the decode thread.
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import random
 import threading
@@ -28,7 +36,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.common.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
+from services.common.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
 from services.common.metrics import QueueFigures
 from services.llm.decoding import IncrementalDecoder
 from services.llm.engine import Delta, EngineInfo, FinishReason, Job, Result, error_text
@@ -40,6 +54,8 @@ _MAX_PROBE_INTERVAL = 30.0
 # While requests run, the seconds a round's prefill aims at, and its fewest prompt tokens.
 _PREFILL_SLICE_SECONDS = 0.25
 _MIN_PREFILL_CHUNK = 16
+# Weight of the newest measurement in the running averages of prefill and decode costs.
+_SMOOTHING = 0.3
 
 
 @dataclass(eq=False)
@@ -98,8 +114,14 @@ class BatchingEngine:
         self._steps = 0
         self._stepped_rows = 0
         self._most_rows = 0
-        # Seconds per prompt token of the recent prefill chunks (0 before the first).
+        # Running averages of the seconds per prompt token of the recent prefills and per
+        # decode step of the batch (0 before the first of each), written by the decode thread.
         self._prompt_token_seconds = 0.0
+        self._step_seconds = 0.0
+        # What each joining or running request still holds its slot for: (prompt tokens
+        # left to prefill, tokens left to generate at most); the decode thread publishes
+        # it under the lock each round, for admission.
+        self._held: list[tuple[int, int]] = []
 
     def _start_thread(self) -> None:
         """Starts the decode thread; subclasses call it once their model is in place."""
@@ -232,10 +254,49 @@ class BatchingEngine:
                     f"the request queue is full ({self._max_queue} waiting); retry later",
                     reason="QUEUE_FULL",
                 )
+            if job.deadline is not None:
+                self._admit_by_deadline(request, job.deadline)
             self._pending.append(request)
             self._by_key[job.key] = request
             self._cv.notify()
         return request
+
+    def _admit_by_deadline(self, request: Request, deadline: float) -> None:
+        """Refuses the request (under the lock) when its expected wait for a first token
+        exceeds the time left before its deadline.
+
+        The rule is deliberately lenient: the estimate (`expected_wait`) counts only the
+        prefill and decode work ahead at the measured rates, and the request is refused
+        only when that alone is more than all of its remaining time. Until both rates
+        are measured every request is admitted."""
+        if not (self._prompt_token_seconds and self._step_seconds):
+            return
+        waiting = [
+            (len(r.job.prompt_ids), r.job.params.max_new_tokens)
+            for r in self._pending
+            if not r.cancelled
+        ]
+        wait = expected_wait(
+            self._held,
+            waiting,
+            len(request.job.prompt_ids),
+            self._max_batch,
+            self._prompt_token_seconds,
+            self._step_seconds,
+        )
+        remaining = deadline - time.monotonic()
+        if wait <= remaining:
+            return
+        raise ResourceExhausted(
+            f"the expected wait for a first token is {wait:.1f} s "
+            f"({len(self._held)} in the batch, {len(waiting)} queued ahead) and the deadline is "
+            f"in {max(remaining, 0.0):.1f} s; retry later or with a longer deadline",
+            reason="DEADLINE_UNREACHABLE",
+            metadata={
+                "expected_wait_seconds": f"{wait:.1f}",
+                "deadline_seconds": f"{max(remaining, 0.0):.1f}",
+            },
+        )
 
     # -- the decode thread -----------------------------------------------------------------
 
@@ -312,9 +373,10 @@ class BatchingEngine:
                 self._pending or self._joining or self._active
             ):
                 return False
-            for request in [r for r in self._pending if r.cancelled]:
+            now = time.monotonic()
+            for request in [r for r in self._pending if r.cancelled or _expired(r, now)]:
                 self._pending.remove(request)
-                self._finish(request, FinishReason.CANCELLED)
+                self._finish(request, FinishReason.CANCELLED, error=_late_error(request))
             while (
                 self._pending
                 and len(self._active) + len(self._joining) < self._max_batch
@@ -323,20 +385,35 @@ class BatchingEngine:
                 request = self._pending.popleft()
                 request.admitted = time.perf_counter()
                 self._joining.append(request)
+            self._publish_held()
         self._prefill_round()
         self._retire()
         if self._active:
             self._decode_step()
             self._retire()
+        with self._cv:
+            self._publish_held()
         return True
+
+    def _publish_held(self) -> None:
+        """Updates what admission reads of the batch's slots; under the lock."""
+        self._held = [
+            (
+                len(r.job.prompt_ids) - r.prefilled,
+                max(r.job.params.max_new_tokens - r.generated, 0),
+            )
+            for r in [*self._joining, *self._active]
+            if not r.cancelled
+        ]
 
     def _prefill_round(self) -> None:
         """Runs up to the budget's prompt tokens of the joining requests, oldest first;
         each whose prompt is in joins the batch with its first token."""
-        for request in [r for r in self._joining if r.cancelled]:
+        now = time.monotonic()
+        for request in [r for r in self._joining if r.cancelled or _expired(r, now)]:
             self._joining.remove(request)
             self._abandon(request)
-            self._finish(request, FinishReason.CANCELLED)
+            self._finish(request, FinishReason.CANCELLED, error=_late_error(request))
         budget = self._round_budget()
         while self._joining and (budget is None or budget > 0):
             request = self._joining[0]
@@ -353,11 +430,11 @@ class BatchingEngine:
                 )
                 continue
             request.prefilled += count
+            self._prompt_token_seconds = _average(
+                self._prompt_token_seconds, (time.perf_counter() - started) / count
+            )
             if budget is not None:
                 budget -= count
-                cost = (time.perf_counter() - started) / count
-                last = self._prompt_token_seconds or cost
-                self._prompt_token_seconds = 0.7 * last + 0.3 * cost
             if token is None:
                 continue
             self._joining.popleft()
@@ -377,6 +454,7 @@ class BatchingEngine:
         return max(_MIN_PREFILL_CHUNK, min(self._prefill_chunk, fitting))
 
     def _decode_step(self) -> None:
+        started = time.perf_counter()
         out = self._forward()
         self._steps += 1
         self._stepped_rows += len(self._active)
@@ -390,6 +468,7 @@ class BatchingEngine:
                 request.error = self._request_error(request, exc)
                 continue
             self._accept(request, token)
+        self._step_seconds = _average(self._step_seconds, time.perf_counter() - started)
 
     def _request_error(self, request: Request, exc: Exception) -> ServiceError:
         """What the caller of a request that failed alone gets; the operator gets the log."""
@@ -468,3 +547,54 @@ class BatchingEngine:
             model=self.info.name,
         )
         request.emit(error if error is not None else result)
+
+
+def _expired(request: Request, now: float) -> bool:
+    """Whether the request's deadline (time.monotonic()) has passed."""
+    return request.job.deadline is not None and now >= request.job.deadline
+
+
+def _late_error(request: Request) -> ServiceError | None:
+    """What a request leaving before its first token gets: nothing when cancelled (its
+    caller is gone), DEADLINE_EXCEEDED when its deadline passed first."""
+    if request.cancelled:
+        return None
+    return DeadlineExceeded(
+        "the deadline passed before the request got its first token; retry later or "
+        "with a longer deadline"
+    )
+
+
+def _average(last: float, new: float) -> float:
+    """The running average after a new measurement (the first one stands alone)."""
+    return new if not last else (1 - _SMOOTHING) * last + _SMOOTHING * new
+
+
+def expected_wait(
+    held: list[tuple[int, int]],
+    waiting: list[tuple[int, int]],
+    prompt_tokens: int,
+    slots: int,
+    prompt_token_seconds: float,
+    step_seconds: float,
+) -> float:
+    """Seconds until a newly queued request's first token, from the work ahead of it.
+
+    held: (prompt tokens left to prefill, tokens left to generate) of each request in a
+    batch slot; waiting: (prompt tokens, max_new_tokens) of each queued request, in order.
+    The requests ahead take slots in order as the earliest of the slots' holders finishes,
+    each holder counted as generating all its tokens (EOS often ends it sooner); decode
+    steps advance every running request at once. The wait is then every prompt token
+    ahead, and the request's own, at the prefill rate, plus the steps until a slot is
+    free for it at the step time. It leaves out what only lengthens the wait (a prompt
+    that must wait for room in the KV cache, the rounds' own overhead)."""
+    frees = sorted(left for _, left in held)
+    step = 0
+    for _, max_new in waiting:
+        if len(frees) >= slots:
+            step = max(step, heapq.heappop(frees))
+        heapq.heappush(frees, step + max_new)
+    if len(frees) >= slots:
+        step = max(step, heapq.heappop(frees))
+    prompts = sum(left for left, _ in held) + sum(tokens for tokens, _ in waiting)
+    return (prompts + prompt_tokens) * prompt_token_seconds + step * step_seconds

@@ -34,6 +34,8 @@ class Job:
     # (tenant, subject) of the caller: request ids are scoped to it, and Cancel reaches
     # only the caller's own requests.
     owner: tuple[str, str] = ("", "")
+    # time.monotonic() by which the caller needs the answer; None without a deadline.
+    deadline: float | None = None
 
     @property
     def key(self) -> tuple[str, str, str]:

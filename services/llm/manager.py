@@ -311,13 +311,20 @@ class ModelManager:
         return apply_overrides(self._config.get(), overrides, context)
 
     async def generate(
-        self, prompt: str, overrides: dict, request_id: str, owner: tuple[str, str]
+        self,
+        prompt: str,
+        overrides: dict,
+        request_id: str,
+        owner: tuple[str, str],
+        deadline: float | None = None,
     ) -> tuple[Job, AsyncIterator[Delta | Result]]:
         engine = self._serving()
         if not prompt:
             raise InvalidArgument("prompt is required", field="prompt")
         params = self._params(engine, overrides)
-        job = Job(request_id or uuid.uuid4().hex, params, prompt=prompt, owner=owner)
+        job = Job(
+            request_id or uuid.uuid4().hex, params, prompt=prompt, owner=owner, deadline=deadline
+        )
         if engine.info.has_tokenizer:
             job.prompt_ids = engine.encode(prompt)
             total = len(job.prompt_ids) + params.max_new_tokens
@@ -339,13 +346,14 @@ class ModelManager:
         overrides: dict,
         request_id: str,
         owner: tuple[str, str],
+        deadline: float | None = None,
     ) -> tuple[Job, int, AsyncIterator[Delta | Result]]:
         engine = self._serving()
         _check_messages(messages)
         params = self._params(engine, overrides)
         system = _system_message(system_prompt, passages)
         conversation = ([system] if system else []) + list(messages)
-        job = Job(request_id or uuid.uuid4().hex, params, owner=owner)
+        job = Job(request_id or uuid.uuid4().hex, params, owner=owner, deadline=deadline)
         dropped = 0
         if engine.info.has_tokenizer:
             budget = engine.info.context_length - params.max_new_tokens

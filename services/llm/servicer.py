@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import time
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -263,7 +264,11 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
 
     async def Generate(self, request, context):
         job, events = await self._manager.generate(
-            request.prompt, overrides_from_pb(request.overrides), request.request_id, _owner()
+            request.prompt,
+            overrides_from_pb(request.overrides),
+            request.request_id,
+            _owner(),
+            _deadline(context),
         )
         async for event in events:
             if isinstance(event, Delta):
@@ -285,6 +290,7 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
             overrides_from_pb(request.overrides),
             request.request_id,
             _owner(),
+            _deadline(context),
         )
         async for event in events:
             if isinstance(event, Delta):
@@ -299,6 +305,12 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
             raise InvalidArgument("request_id is required", field="request_id")
         self._manager.cancel(request.request_id, _owner())
         return llm_pb2.CancelResponse()
+
+
+def _deadline(context) -> float | None:
+    """The call's deadline on time.monotonic()'s clock; None when the caller set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def _owner() -> tuple[str, str]:
