@@ -1,8 +1,9 @@
-"""Fixtures for the hostile-caller tests: the five services on loopback ports (ingest and
-sessions on PostgreSQL, the llm with its packaged SmolLM2), served from an event loop of
-their own in a background thread, so tests call them with blocking stubs the way
-Hypothesis runs examples; and three tenants' data: alpha's (the victim), beta's (the
-other tenant) and fuzz's (the fuzzing caller, an admin)."""
+"""Fixtures for the hostile-caller tests: the five services on loopback ports, started as
+tests/live_mesh.py starts them (here with ingest and sessions on PostgreSQL and the llm's
+context capped), served from an event loop of their own in a background thread, so tests
+call them with blocking stubs the way Hypothesis runs examples; and three tenants' data:
+alpha's (the victim), beta's (the other tenant) and fuzz's (the fuzzing caller, an
+admin)."""
 
 import asyncio
 import contextlib
@@ -26,21 +27,12 @@ from hostile_support import (
     LLM_CONTEXT_TOKENS,
     MAX_NEW_TOKENS,
 )
+from live_mesh import serving
 
 from ragmesh.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from ragmesh.llm.v1 import llm_pb2, llm_pb2_grpc
 from ragmesh.sessions.v1 import sessions_pb2, sessions_pb2_grpc
-from services.embed.app import start as start_embed
-from services.embed.model import load_model
-from services.embed.settings import EmbedSettings
-from services.ingest.app import start as start_ingest
-from services.ingest.settings import IngestSettings
-from services.llm.app import start as start_llm
 from services.llm.settings import LlmSettings
-from services.sessions.app import start as start_sessions
-from services.sessions.settings import SessionsSettings
-from services.telemetry.app import start as start_telemetry
-from services.telemetry.settings import TelemetrySettings
 
 
 class Mesh:
@@ -58,88 +50,28 @@ class Mesh:
 
     def start(self, data, database_url) -> None:
         self.thread.start()
-        self.run(self._start(data, database_url))
+        self.targets = self.run(
+            self.stack.enter_async_context(
+                serving(
+                    data,
+                    API_KEYS,
+                    ingest={
+                        "database_url": database_url(),
+                        "edge_catch_up": True,
+                        "max_upload_bytes": 2 * 1024 * 1024,
+                    },
+                    # Caps what one prompt costs: a long prompt holds the running
+                    # streams until it is in, and thousands of tokens take a minute here.
+                    llm={"max_context_tokens": LLM_CONTEXT_TOKENS},
+                    sessions={"database_url": database_url()},
+                )
+            )
+        )
         options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         self.channels = {
             name: grpc.insecure_channel(target, options=options)
             for name, target in self.targets.items()
         }
-
-    def _started(self, name, app) -> str:
-        self.stack.push_async_callback(app.close)
-        self.stack.push_async_callback(app.server.stop, 0)
-        self.targets[name] = f"127.0.0.1:{app.server.port}"
-        return self.targets[name]
-
-    async def _start(self, data, database_url) -> None:
-        embed = self._started(
-            "embed",
-            await start_embed(
-                EmbedSettings(port=0, data_dir=data / "embed", max_wait_ms=5),
-                model=load_model("all-MiniLM-L6-v2", "cpu"),
-            ),
-        )
-        ingest = self._started(
-            "ingest",
-            await start_ingest(
-                IngestSettings(
-                    port=0,
-                    data_dir=data / "ingest",
-                    database_url=database_url(),
-                    edge_catch_up=True,
-                    embed_target=embed,
-                    api_keys=API_KEYS,
-                    job_poll_seconds=0.2,
-                    chunk_tokens=64,
-                    chunk_overlap_tokens=8,
-                    max_upload_bytes=2 * 1024 * 1024,
-                )
-            ),
-        )
-        llm = self._started(
-            "llm",
-            await start_llm(
-                LlmSettings(
-                    port=0,
-                    data_dir=data / "llm",
-                    api_keys=API_KEYS,
-                    shutdown_grace_seconds=0.5,
-                    # Caps what one prompt costs: a long prompt holds the running
-                    # streams until it is in, and thousands of tokens take a minute here.
-                    max_context_tokens=LLM_CONTEXT_TOKENS,
-                )
-            ),
-        )
-        sessions = self._started(
-            "sessions",
-            await start_sessions(
-                SessionsSettings(
-                    port=0,
-                    data_dir=data / "sessions",
-                    database_url=database_url(),
-                    api_keys=API_KEYS,
-                    ingest_target=ingest,
-                    embed_target=embed,
-                    llm_target=llm,
-                )
-            ),
-        )
-        self._started(
-            "telemetry",
-            await start_telemetry(
-                TelemetrySettings(
-                    port=0,
-                    data_directories=[data],
-                    api_keys=API_KEYS,
-                    mesh_targets={
-                        "embed": embed,
-                        "ingest": ingest,
-                        "llm": llm,
-                        "sessions": sessions,
-                    },
-                )
-            ),
-        )
 
     def close(self) -> None:
         for channel in self.channels.values():
