@@ -10,10 +10,12 @@ a round's chunk is sized from the prefill's measured cost to take about
 _PREFILL_SLICE_SECONDS, their gap between two tokens (at least _MIN_PREFILL_CHUNK tokens).
 
 A request that comes with a deadline is admitted only if it can get its first token in
-time as far as the measured rates tell (see `expected_wait`); one that cannot is refused at
-once with RESOURCE_EXHAUSTED `DEADLINE_UNREACHABLE`, so its caller may retry later or with
-a longer deadline instead of waiting in the queue until its deadline passes. A request
-whose deadline passes before its first token leaves the queue (or stops its prefill) at the
+time as far as the measured rates tell (see `expected_waits`); one that cannot is refused
+at once with RESOURCE_EXHAUSTED `DEADLINE_UNREACHABLE`, so its caller may retry later or
+with a longer deadline instead of waiting in the queue until its deadline passes. Each
+round applies the same rule to the queue, so a request admitted on rates that have grown
+since is refused as soon as its wait no longer fits, not at its deadline. A request whose
+deadline passes before its first token leaves the queue (or stops its prefill) at the
 next round: gRPC cancels its call, and the loop checks the deadline itself as well.
 
 A failure that belongs to one request (its prompt, its logits) fails that request only.
@@ -262,39 +264,47 @@ class BatchingEngine:
         return request
 
     def _admit_by_deadline(self, request: Request, deadline: float) -> None:
-        """Refuses the request (under the lock) when its expected wait for a first token
-        exceeds the time left before its deadline.
+        """Under the lock: refuses the request when its expected wait for a first token,
+        behind the batch and the queue, exceeds the time left before its deadline.
 
-        The rule is deliberately lenient: the estimate (`expected_wait`) counts only the
-        prefill and decode work ahead at the measured rates, and the request is refused
-        only when that alone is more than all of its remaining time. Until both rates
-        are measured every request is admitted."""
-        if not (self._prompt_token_seconds and self._step_seconds):
+        The rule is deliberately lenient: the estimate (`expected_waits`) counts only the
+        prefill and decode work ahead at the measured rates, each request ahead running
+        to its max_new_tokens, and the request is refused only when that is more than
+        all of its remaining time. Until both rates are measured every request is
+        admitted. The loop applies the same rule to the queue each round
+        (`_drop_unreachable`), as the measured rates change."""
+        if not self._measured():
             return
-        waiting = [
-            (len(r.job.prompt_ids), r.job.params.max_new_tokens)
-            for r in self._pending
-            if not r.cancelled
-        ]
-        wait = expected_wait(
+        ahead = [r for r in self._pending if not r.cancelled]
+        wait = self._expected_waits([*ahead, request])[-1]
+        remaining = deadline - time.monotonic()
+        if wait > remaining:
+            raise self._unreachable(wait, remaining, len(ahead))
+
+    def _measured(self) -> bool:
+        return bool(self._prompt_token_seconds and self._step_seconds)
+
+    def _expected_waits(self, queued: list[Request]) -> list[float]:
+        """Under the lock: the expected wait of each of the queued requests, in order."""
+        return expected_waits(
             self._held,
-            waiting,
-            len(request.job.prompt_ids),
+            [(len(r.job.prompt_ids), r.job.params.max_new_tokens) for r in queued],
             self._max_batch,
             self._prompt_token_seconds,
             self._step_seconds,
+            self._busy_chunk(),
         )
-        remaining = deadline - time.monotonic()
-        if wait <= remaining:
-            return
-        raise ResourceExhausted(
+
+    def _unreachable(self, wait: float, remaining: float, ahead: int) -> ResourceExhausted:
+        remaining = max(remaining, 0.0)
+        return ResourceExhausted(
             f"the expected wait for a first token is {wait:.1f} s "
-            f"({len(self._held)} in the batch, {len(waiting)} queued ahead) and the deadline is "
-            f"in {max(remaining, 0.0):.1f} s; retry later or with a longer deadline",
+            f"({len(self._held)} in the batch, {ahead} queued ahead) and the deadline is "
+            f"in {remaining:.1f} s; retry later or with a longer deadline",
             reason="DEADLINE_UNREACHABLE",
             metadata={
                 "expected_wait_seconds": f"{wait:.1f}",
-                "deadline_seconds": f"{max(remaining, 0.0):.1f}",
+                "deadline_seconds": f"{remaining:.1f}",
             },
         )
 
@@ -386,6 +396,7 @@ class BatchingEngine:
                 request.admitted = time.perf_counter()
                 self._joining.append(request)
             self._publish_held()
+            self._drop_unreachable()
         self._prefill_round()
         self._retire()
         if self._active:
@@ -394,6 +405,26 @@ class BatchingEngine:
         with self._cv:
             self._publish_held()
         return True
+
+    def _drop_unreachable(self) -> None:
+        """Under the lock: refuses the first queued request whose deadline its expected
+        wait now exceeds (admission's rule, at the rates measured since). One a round:
+        each one refused shortens the wait of those behind it."""
+        queued = [r for r in self._pending if not r.cancelled]
+        if not (self._measured() and any(r.job.deadline is not None for r in queued)):
+            return
+        now = time.monotonic()
+        waits = self._expected_waits(queued)
+        for ahead, (request, wait) in enumerate(zip(queued, waits, strict=True)):
+            deadline = request.job.deadline
+            if deadline is not None and wait > deadline - now:
+                self._pending.remove(request)
+                self._finish(
+                    request,
+                    FinishReason.CANCELLED,
+                    error=self._unreachable(wait, deadline - now, ahead),
+                )
+                return
 
     def _publish_held(self) -> None:
         """Updates what admission reads of the batch's slots; under the lock."""
@@ -445,9 +476,16 @@ class BatchingEngine:
 
     def _round_budget(self) -> int | None:
         """Prompt tokens this round may prefill: a whole chunk while nothing runs, else
-        what takes about _PREFILL_SLICE_SECONDS at the measured cost."""
+        `_busy_chunk`."""
         if self._prefill_chunk is None or not self._active:
             return self._prefill_chunk
+        return self._busy_chunk()
+
+    def _busy_chunk(self) -> int | None:
+        """Prompt tokens a round prefills beside running requests: what takes about
+        _PREFILL_SLICE_SECONDS at the measured cost; None runs each prompt whole."""
+        if self._prefill_chunk is None:
+            return None
         if not self._prompt_token_seconds:
             return _MIN_PREFILL_CHUNK
         fitting = int(_PREFILL_SLICE_SECONDS / self._prompt_token_seconds)
@@ -570,31 +608,61 @@ def _average(last: float, new: float) -> float:
     return new if not last else (1 - _SMOOTHING) * last + _SMOOTHING * new
 
 
-def expected_wait(
+def expected_waits(
     held: list[tuple[int, int]],
     waiting: list[tuple[int, int]],
-    prompt_tokens: int,
     slots: int,
     prompt_token_seconds: float,
     step_seconds: float,
-) -> float:
-    """Seconds until a newly queued request's first token, from the work ahead of it.
+    busy_chunk: int | None,
+) -> list[float]:
+    """Seconds until each waiting request's first token, from the work ahead of it.
 
     held: (prompt tokens left to prefill, tokens left to generate) of each request in a
-    batch slot; waiting: (prompt tokens, max_new_tokens) of each queued request, in order.
-    The requests ahead take slots in order as the earliest of the slots' holders finishes,
-    each holder counted as generating all its tokens (EOS often ends it sooner); decode
-    steps advance every running request at once. The wait is then every prompt token
-    ahead, and the request's own, at the prefill rate, plus the steps until a slot is
-    free for it at the step time. It leaves out what only lengthens the wait (a prompt
-    that must wait for room in the KV cache, the rounds' own overhead)."""
-    frees = sorted(left for _, left in held)
-    step = 0
-    for _, max_new in waiting:
-        if len(frees) >= slots:
-            step = max(step, heapq.heappop(frees))
-        heapq.heappush(frees, step + max_new)
-    if len(frees) >= slots:
-        step = max(step, heapq.heappop(frees))
-    prompts = sum(left for left, _ in held) + sum(tokens for tokens, _ in waiting)
-    return (prompts + prompt_tokens) * prompt_token_seconds + step * step_seconds
+    batch slot, the joining ones in their order; waiting: (prompt tokens,
+    max_new_tokens) of each queued request, in order; busy_chunk: the prompt tokens a
+    round prefills before a decode step of the running requests (None: all joining
+    prompts whole, then a step).
+
+    It plays the loop forward: queued requests take free slots in order; prompts are
+    prefilled oldest first, at the full prefill rate while nothing runs and otherwise
+    sharing each round with a decode step; a request runs once its prompt is in and
+    frees its slot after generating all its tokens (EOS often ends it sooner). It
+    leaves out what only lengthens the wait: a prompt that must wait for room in the KV
+    cache, a step's cost growing with the batch."""
+    p, s = prompt_token_seconds, step_seconds
+    # The steps after which each running request finishes, counted from now.
+    running = sorted(left for tokens, left in held if not tokens)
+    joining = deque([tokens, left, None] for tokens, left in held if tokens)
+    queue = deque(enumerate(waiting))
+    waits = [0.0] * len(waiting)
+    now = steps = 0.0
+    while joining or queue:
+        while queue and len(running) + len(joining) < slots:
+            index, (tokens, max_new) = queue.popleft()
+            joining.append([tokens, max_new, index])
+        if not joining:
+            finish = heapq.heappop(running)
+            now += max(finish - steps, 0.0) * s
+            steps = max(steps, finish)
+            continue
+        if running and busy_chunk is not None:
+            round_seconds = busy_chunk * p + s
+            token_rate, step_rate = busy_chunk / round_seconds, 1 / round_seconds
+        else:
+            token_rate, step_rate = 1 / p, 0.0
+        head = joining[0]
+        to_prefill = head[0] / token_rate
+        to_free = max(running[0] - steps, 0.0) / step_rate if step_rate else float("inf")
+        elapsed = min(to_prefill, to_free)
+        now += elapsed
+        steps += elapsed * step_rate
+        if to_prefill <= to_free:
+            joining.popleft()
+            heapq.heappush(running, steps + head[1])
+            if head[2] is not None:
+                waits[head[2]] = now
+        else:
+            head[0] -= elapsed * token_rate
+            heapq.heappop(running)
+    return waits

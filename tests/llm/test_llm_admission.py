@@ -12,7 +12,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from ragmesh.llm.v1 import llm_pb2
-from services.llm.batching import expected_wait
+from services.llm.batching import expected_waits
 from services.llm.catalogue import DEFAULT_MODEL_NAME
 
 pytestmark = pytest.mark.slow
@@ -125,15 +125,46 @@ async def test_a_request_whose_deadline_passes_in_the_queue_leaves_it_unprefille
     assert client.app.manager.queue_figures().depth == 0
 
 
-def test_the_expected_wait_counts_the_work_ahead_and_the_slots():
-    # Two slots free after 10 and 20 more steps; the queued request takes the first at
-    # step 10, the new one the second at step 20, after 100 + 10 prompt tokens.
-    assert expected_wait([(0, 10), (0, 20)], [(100, 50)], 10, 2, 0.01, 0.1) == pytest.approx(
-        110 * 0.01 + 20 * 0.1
+async def test_a_queued_request_is_refused_once_the_measured_rates_show_it_cannot_make_it(
+    make_client, faulty_engines
+):
+    client = await make_client(max_batch_size=1, max_queue=16, max_context_tokens=1024)
+    assert (await client.load(DEFAULT_MODEL_NAME)).state == llm_pb2.MODEL_STATE_READY
+    (engine,) = faulty_engines
+    # Nothing is measured while the first prompt waits at the gate: all are admitted.
+    engine.model.gate.clear()
+    longer = gen_overrides(max_new_tokens=500, temperature=0.0)
+    fillers = [_generate(client, COUNTING, longer)]
+    assert await asyncio.to_thread(engine.model.held.wait, 60)
+    fillers += [_generate(client, COUNTING, longer) for _ in range(8)]
+    await _queued(client, 8)
+    # Eight 500-token answers one after another wait ahead of it: far beyond 10 s.
+    hopeless = _generate(client, "Hello", SHORT, timeout=10)
+    await _queued(client, 9)
+    engine.model.gate.set()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(hopeless)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
+    assert _error_info(caught.value).reason == "DEADLINE_UNREACHABLE"
+    for call in fillers:
+        call.cancel()
+
+
+def test_the_expected_wait_plays_the_slots_and_rounds_forward():
+    p, s = 0.01, 0.1  # seconds per prompt token, per decode step
+    # Whole prompts (transformers): two slots free after 10 and 20 steps; the first queued
+    # request prefills 100 tokens once the first frees, the second 10 once the other does.
+    assert expected_waits([(0, 10), (0, 20)], [(100, 50), (10, 5)], 2, p, s, None) == (
+        pytest.approx([1.0 + 1.0, 2.0 + 1.0 + 0.1])
     )
-    # A free slot: only the prompts ahead and its own.
-    assert expected_wait([(30, 200)], [], 10, 2, 0.01, 0.1) == pytest.approx(40 * 0.01)
-    # One slot, three queued 50-token answers ahead of it, each after the one before.
-    assert expected_wait([(0, 5)], [(10, 50)] * 3, 10, 1, 0.01, 0.1) == pytest.approx(
-        40 * 0.01 + 155 * 0.1
+    # Chunks of 10 beside running requests: each round is 10 prompt tokens and a step;
+    # the joining prompt's 30 tokens go first, then the queued one's 20.
+    assert expected_waits([(0, 100), (30, 20)], [(20, 5)], 3, p, s, 10) == pytest.approx(
+        [5 * (10 * p + s)]
+    )
+    # Nothing running: the prompt goes in at the full rate.
+    assert expected_waits([], [(300, 10)], 1, p, s, 10) == pytest.approx([3.0])
+    # One slot: each queued request waits for the whole answer of the one before it.
+    assert expected_waits([(0, 5)], [(10, 50)] * 2, 1, p, s, None) == pytest.approx(
+        [0.5 + 0.1, 0.6 + 50 * s + 0.1]
     )
