@@ -19,6 +19,10 @@ READY = ingest_pb2.DocumentStatus.Value("DOCUMENT_STATUS_READY")
 FAILED = ingest_pb2.DocumentStatus.Value("DOCUMENT_STATUS_FAILED")
 # Long enough to never pass in a test, short enough to be a lease.
 HELD = dt.timedelta(seconds=600)
+# A killed process's jobs are free again this soon, while a live worker's renewals (every
+# third of it) still make it on a loaded 2-core machine: 1 s did not, its lease ran out
+# before the worker reached embed.
+SHORT_LEASE = 5.0
 
 
 @pytest.fixture
@@ -104,7 +108,9 @@ async def test_work_queued_while_embed_is_down_is_finished_after_a_restart(
 async def test_work_of_a_killed_service_is_finished_once_its_leases_expire(
     make_settings, tmp_path, embed_proxy, embed_server, new_client, ingest_process
 ):
-    settings = make_settings(tmp_path, embed_target=embed_proxy.target, job_lease_seconds=1)
+    settings = make_settings(
+        tmp_path, embed_target=embed_proxy.target, job_lease_seconds=SHORT_LEASE
+    )
     process = ingest_process(settings, tmp_path / "killed.log")
     async with grpc.aio.insecure_channel(await process.start()) as channel:
         client = new_client(channel)
@@ -134,7 +140,7 @@ async def test_a_file_that_kills_the_service_fails_once_its_attempts_are_used_up
     make_settings, tmp_path, embed_proxy, embed_server, new_client, ingest_process
 ):
     settings = make_settings(
-        tmp_path, embed_target=embed_proxy.target, job_lease_seconds=1, job_max_attempts=1
+        tmp_path, embed_target=embed_proxy.target, job_lease_seconds=SHORT_LEASE, job_max_attempts=1
     )
     process = ingest_process(settings, tmp_path / "killed.log")
     async with grpc.aio.insecure_channel(await process.start()) as channel:
@@ -188,7 +194,7 @@ async def test_a_worker_that_loses_its_lease_stops_and_leaves_the_job_to_its_new
     make_settings, tmp_path, embed_proxy, new_client
 ):
     settings = make_settings(
-        tmp_path, embed_target=embed_proxy.target, workers=1, job_lease_seconds=1.5
+        tmp_path, embed_target=embed_proxy.target, workers=1, job_lease_seconds=SHORT_LEASE
     )
     app = await start(settings)
     try:
