@@ -73,7 +73,7 @@ async def telemetry_nodes(tmp_path):
                 data_directories=[tmp_path],
                 api_keys=API_KEYS,
                 mesh_targets={},
-                mesh_probe_timeout_seconds=1.0,
+                mesh_probe_timeout_seconds=5,
                 **settings,
             )
         )
