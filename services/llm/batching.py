@@ -116,8 +116,9 @@ class BatchingEngine:
         self._steps = 0
         self._stepped_rows = 0
         self._most_rows = 0
-        # Running averages of the seconds per prompt token of the recent prefills and per
-        # decode step of the batch (0 before the first of each), written by the decode thread.
+        # Running averages (0 before the first measurement), written by the decode thread:
+        # the seconds per prompt token of the recent prefills, and the seconds a round that
+        # steps the batch takes beside its prefill.
         self._prompt_token_seconds = 0.0
         self._step_seconds = 0.0
         # What each joining or running request still holds its slot for: (prompt tokens
@@ -383,6 +384,7 @@ class BatchingEngine:
                 self._pending or self._joining or self._active
             ):
                 return False
+            started = time.perf_counter()
             now = time.monotonic()
             for request in [r for r in self._pending if r.cancelled or _expired(r, now)]:
                 self._pending.remove(request)
@@ -397,13 +399,20 @@ class BatchingEngine:
                 self._joining.append(request)
             self._publish_held()
             self._drop_unreachable()
-        self._prefill_round()
+        prefill_seconds = self._prefill_round()
         self._retire()
-        if self._active:
+        stepped = bool(self._active)
+        if stepped:
             self._decode_step()
             self._retire()
         with self._cv:
             self._publish_held()
+        if stepped:
+            # What the round cost beside its prefill: the step and all the loop's own work
+            # (and its waits for the lock and the GIL), which a busy process makes longer.
+            self._step_seconds = _average(
+                self._step_seconds, time.perf_counter() - started - prefill_seconds
+            )
         return True
 
     def _drop_unreachable(self) -> None:
@@ -437,15 +446,17 @@ class BatchingEngine:
             if not r.cancelled
         ]
 
-    def _prefill_round(self) -> None:
+    def _prefill_round(self) -> float:
         """Runs up to the budget's prompt tokens of the joining requests, oldest first;
-        each whose prompt is in joins the batch with its first token."""
+        each whose prompt is in joins the batch with its first token. Returns the
+        seconds the prefills took."""
         now = time.monotonic()
         for request in [r for r in self._joining if r.cancelled or _expired(r, now)]:
             self._joining.remove(request)
             self._abandon(request)
             self._finish(request, FinishReason.CANCELLED, error=_late_error(request))
         budget = self._round_budget()
+        spent = 0.0
         while self._joining and (budget is None or budget > 0):
             request = self._joining[0]
             remaining = len(request.job.prompt_ids) - request.prefilled
@@ -454,6 +465,7 @@ class BatchingEngine:
             try:
                 token = self._prefill(request, count)
             except Exception as exc:
+                spent += time.perf_counter() - started
                 self._joining.popleft()
                 self._abandon(request)
                 self._finish(
@@ -461,9 +473,9 @@ class BatchingEngine:
                 )
                 continue
             request.prefilled += count
-            self._prompt_token_seconds = _average(
-                self._prompt_token_seconds, (time.perf_counter() - started) / count
-            )
+            took = time.perf_counter() - started
+            spent += took
+            self._prompt_token_seconds = _average(self._prompt_token_seconds, took / count)
             if budget is not None:
                 budget -= count
             if token is None:
@@ -473,6 +485,7 @@ class BatchingEngine:
             self._active.append(request)
             self._join(request)
             self._accept(request, token)
+        return spent
 
     def _round_budget(self) -> int | None:
         """Prompt tokens this round may prefill: a whole chunk while nothing runs, else
@@ -492,7 +505,6 @@ class BatchingEngine:
         return max(_MIN_PREFILL_CHUNK, min(self._prefill_chunk, fitting))
 
     def _decode_step(self) -> None:
-        started = time.perf_counter()
         out = self._forward()
         self._steps += 1
         self._stepped_rows += len(self._active)
@@ -506,7 +518,6 @@ class BatchingEngine:
                 request.error = self._request_error(request, exc)
                 continue
             self._accept(request, token)
-        self._step_seconds = _average(self._step_seconds, time.perf_counter() - started)
 
     def _request_error(self, request: Request, exc: Exception) -> ServiceError:
         """What the caller of a request that failed alone gets; the operator gets the log."""
@@ -620,9 +631,10 @@ def expected_waits(
 
     held: (prompt tokens left to prefill, tokens left to generate) of each request in a
     batch slot, the joining ones in their order; waiting: (prompt tokens,
-    max_new_tokens) of each queued request, in order; busy_chunk: the prompt tokens a
-    round prefills before a decode step of the running requests (None: all joining
-    prompts whole, then a step).
+    max_new_tokens) of each queued request, in order; step_seconds: what a round that
+    steps the batch costs beside its prefill; busy_chunk: the prompt tokens a round
+    prefills before a decode step of the running requests (None: all joining prompts
+    whole, then a step).
 
     It plays the loop forward: queued requests take free slots in order; prompts are
     prefilled oldest first, at the full prefill rate while nothing runs and otherwise
