@@ -1,12 +1,22 @@
-"""Runs every benchmark, or those named: python -m bench [runtime embed ingest llm search
-... load]."""
+"""Runs every benchmark, or those named: python -m bench [runtime embed embed_memory ingest
+llm search ... load]."""
 
 import importlib
 import sys
 
-BENCHES = ["runtime", "embed", "ingest", "search", "llm", "vector", "sessions", "load"]
+BENCHES = [
+    "runtime",
+    "embed",
+    "embed_memory",
+    "ingest",
+    "search",
+    "llm",
+    "vector",
+    "sessions",
+    "load",
+]
 # Benchmarks whose module is not bench.<name>_bench.
-MODULES = {"load": "bench.load"}
+MODULES = {"embed_memory": "bench.embed_memory", "load": "bench.load"}
 
 
 def main() -> None:
