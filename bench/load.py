@@ -4,21 +4,26 @@
                          [--answer-tokens 48] [--no-documents]
                          [--target ingest=HOST:PORT --target sessions=HOST:PORT]
 
-Without --target it starts embed, ingest, llm and sessions as processes on loopback ports
-(data in a temporary folder, models from the shared caches under var/cache) and stops
-them at the end. After a warm-up (one upload, one search of each mode, one answer), for
---seconds: each chat stream sends a question and reads its answer, again and again, in a
-session naming the warm-up document (so retrieval searches it); each uploader uploads a
-small Markdown file and follows it with WatchDocument until it is indexed; each searcher
-runs keyword and semantic searches; what is in flight at the end runs to its end.
+Without --target it starts embed, ingest, llm and sessions as processes on loopback
+ports (data in a temporary folder, models from the shared caches under var/cache) and
+stops them at the end. After a warm-up (one upload, one search of each mode, one
+answer), for --seconds: each chat stream sends a question and reads its answer, again
+and again, in a session naming the warm-up document (so retrieval searches it); a
+question refused with RESOURCE_EXHAUSTED is resent with the same client_request_id
+(sessions reuses the stored question) after exponential backoff with jitter (1 s
+doubling to 30 s), until the run's time is up (it then counts as given up); each
+uploader uploads a small Markdown file and follows it with WatchDocument until it is
+indexed; each searcher runs keyword and semantic searches; what is in flight at the end
+runs to its end.
 
 It prints requests per second, p50/p95/p99 per RPC, errors by status code
 (RESOURCE_EXHAUSTED is the expected answer to overload; INTERNAL or UNKNOWN is a
-failure), each process's RSS once warm and at the end (only for the processes it
-started), and the load average. At the end it checks that nothing was lost: every
-accepted upload is READY or FAILED, and every chat stream ended with a stored answer (a
-defined finish reason) or a status. Exit status 1 when any call failed with INTERNAL or
-UNKNOWN, or something was lost.
+failure), how the questions ended (answered, answered after refusals, given up, a
+status; each question counted once however often it was resent), each process's RSS once
+warm and at the end (only for the processes it started), and the load average. At the
+end it checks that nothing was lost: every accepted upload is READY or FAILED, and every
+chat stream ended with a stored answer (a defined finish reason) or a status. Exit
+status 1 when any call failed with INTERNAL or UNKNOWN, or something was lost.
 """
 
 import argparse
@@ -48,6 +53,10 @@ LLM_MODELS = REPO / "var" / "cache" / "llm-tests" / "models"
 READY_SECONDS = {"embed": 300, "ingest": 60, "llm": 600, "sessions": 60}
 FAILURES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 FINISHED = (ingest_pb2.DOCUMENT_STATUS_READY, ingest_pb2.DOCUMENT_STATUS_FAILED)
+# A refused question waits this long before it is resent, doubling per refusal up to the
+# most (sessions does not pass on the llm's expected wait).
+BACKOFF_FIRST_SECONDS = 1.0
+BACKOFF_MOST_SECONDS = 30.0
 
 
 def free_port() -> int:
@@ -166,6 +175,11 @@ class Stats:
     # Accepted uploads, by document id; chat streams and how each ended.
     uploads: list[str] = dataclasses.field(default_factory=list)
     stream_ends: Counter = dataclasses.field(default_factory=Counter)
+    # How each question ended, once per question however often it was resent; how many
+    # were refused at least once, and the refusals in all.
+    questions: Counter = dataclasses.field(default_factory=Counter)
+    refused_questions: int = 0
+    refusals: int = 0
     failures: list[str] = dataclasses.field(default_factory=list)
 
     def record(self, rpc: str, started: float, code: grpc.StatusCode, details: str = "") -> None:
@@ -281,36 +295,67 @@ async def _chat_loop(
         stats.stream_ends[f"no session: {exc.code().name}"] += 1
         return
     stats.record("CreateSession", started, grpc.StatusCode.OK)
+    asked = 0
     while time.monotonic() < deadline:
+        asked += 1
         request = sessions_pb2.SendMessageRequest(
             session_id=created.session.id,
             content=rng.choice(QUESTIONS),
             overrides={"max_new_tokens": load.answer_tokens},
+            client_request_id=f"load-{worker}-{asked}",
         )
-        started = time.perf_counter()
-        first: float | None = None
-        stored = None
-        try:
-            async for event in stub.SendMessage(request, timeout=300):
-                kind = event.WhichOneof("event")
-                if kind == "delta" and first is None:
-                    first = time.perf_counter()
-                elif kind == "assistant_message":
-                    stored = event.assistant_message
-        except grpc.aio.AioRpcError as exc:
-            stats.record("SendMessage", started, exc.code(), exc.details())
-            stats.stream_ends[f"status {exc.code().name}"] += 1
-            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                await asyncio.sleep(0.5)
-            continue
-        if first is not None:
-            stats.latencies["SendMessage first token"].append(first - started)
-        if stored is None or stored.finish_reason == sessions_pb2.FINISH_REASON_UNSPECIFIED:
-            stats.failures.append("SendMessage: a stream ended OK without a stored answer")
-            stats.stream_ends["no stored answer"] += 1
-        else:
-            stats.stream_ends[sessions_pb2.FinishReason.Name(stored.finish_reason)] += 1
-        stats.record("SendMessage", started, grpc.StatusCode.OK)
+        refusals = 0
+        while True:
+            end = await _send_message(stub, stats, request)
+            if end != grpc.StatusCode.RESOURCE_EXHAUSTED.name:
+                break
+            refusals += 1
+            wait = backoff_seconds(refusals, rng)
+            if time.monotonic() + wait >= deadline:
+                end = "given up (refused until the run's end)"
+                break
+            await asyncio.sleep(wait)
+        if refusals:
+            stats.refused_questions += 1
+            stats.refusals += refusals
+            if end == "answered":
+                end = "answered after refusals"
+        stats.questions[end] += 1
+
+
+def backoff_seconds(refusals: int, rng: random.Random) -> float:
+    """The wait before resending a question refused `refusals` times: 1 s doubling to
+    30 s, drawn between half and all of that so refused streams do not return together."""
+    ceiling = min(BACKOFF_MOST_SECONDS, BACKOFF_FIRST_SECONDS * 2 ** (refusals - 1))
+    return rng.uniform(ceiling / 2, ceiling)
+
+
+async def _send_message(stub, stats: Stats, request) -> str:
+    """One SendMessage call, read to its end; returns "answered" for a stored answer,
+    else the status code's name (or how it ended without one)."""
+    started = time.perf_counter()
+    first: float | None = None
+    stored = None
+    try:
+        async for event in stub.SendMessage(request, timeout=300):
+            kind = event.WhichOneof("event")
+            if kind == "delta" and first is None:
+                first = time.perf_counter()
+            elif kind == "assistant_message":
+                stored = event.assistant_message
+    except grpc.aio.AioRpcError as exc:
+        stats.record("SendMessage", started, exc.code(), exc.details())
+        stats.stream_ends[f"status {exc.code().name}"] += 1
+        return exc.code().name
+    if first is not None:
+        stats.latencies["SendMessage first token"].append(first - started)
+    stats.record("SendMessage", started, grpc.StatusCode.OK)
+    if stored is None or stored.finish_reason == sessions_pb2.FINISH_REASON_UNSPECIFIED:
+        stats.failures.append("SendMessage: a stream ended OK without a stored answer")
+        stats.stream_ends["no stored answer"] += 1
+        return "no stored answer"
+    stats.stream_ends[sessions_pb2.FinishReason.Name(stored.finish_reason)] += 1
+    return "answered"
 
 
 async def _settle(stub, stats: Stats, seconds: float) -> Counter:
@@ -450,6 +495,10 @@ def report(result: Result, load: Load) -> str:
         f"{expected}"
     )
     lines.append(f"chat streams ended: {dict(stats.stream_ends)}")
+    lines.append(
+        f"questions: {sum(stats.questions.values())}, ended: {dict(stats.questions)}; "
+        f"{stats.refused_questions} refused at least once, {stats.refusals} refusals in all"
+    )
     lines.append(f"uploads accepted: {len(stats.uploads)}, at the end: {dict(result.documents)}")
     for name in result.rss_warm:
         warm = result.rss_warm[name] / 2**20

@@ -36,4 +36,9 @@ async def test_short_load_fails_nothing_and_loses_nothing(mesh, models):
     # Every stream ended with a stored answer (a defined finish reason) or a status.
     assert sum(stats.stream_ends.values()) == sum(stats.statuses["SendMessage"].values()) > 0
     assert {end for end in stats.stream_ends if not end.startswith("status ")} <= DEFINED_ENDS
+    # Each question is counted once: a question refused r times made r calls if it was
+    # given up at the end, r + 1 if it was resent until it got an answer or another status.
+    given_up = sum(n for end, n in stats.questions.items() if end.startswith("given up"))
+    calls = sum(stats.statuses["SendMessage"].values())
+    assert calls == sum(stats.questions.values()) + stats.refusals - given_up
     assert set(result.rss_warm) == {"embed", "llm", "ingest", "sessions"}
