@@ -57,6 +57,7 @@ FINISHED = (ingest_pb2.DOCUMENT_STATUS_READY, ingest_pb2.DOCUMENT_STATUS_FAILED)
 # most (sessions does not pass on the llm's expected wait).
 BACKOFF_FIRST_SECONDS = 1.0
 BACKOFF_MOST_SECONDS = 30.0
+GIVEN_UP = "given up (refused until the run's end)"
 
 
 def free_port() -> int:
@@ -312,7 +313,7 @@ async def _chat_loop(
             refusals += 1
             wait = backoff_seconds(refusals, rng)
             if time.monotonic() + wait >= deadline:
-                end = "given up (refused until the run's end)"
+                end = GIVEN_UP
                 break
             await asyncio.sleep(wait)
         if refusals:
@@ -321,6 +322,9 @@ async def _chat_loop(
             if end == "answered":
                 end = "answered after refusals"
         stats.questions[end] += 1
+        if end == GIVEN_UP:
+            # The next resend would come after the run's end: the stream is done.
+            return
 
 
 def backoff_seconds(refusals: int, rng: random.Random) -> float:
