@@ -6,8 +6,7 @@ packaged model in a child process first; the other ONNX tests use that export.
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
+from rpc_errors import error_info
 
 from ragmesh.embed.v1 import embed_pb2_grpc
 from services.embed.app import start
@@ -66,17 +65,6 @@ async def embed_channel(embed_app):
 @pytest.fixture
 def embed_stub(embed_channel):
     return embed_pb2_grpc.EmbedServiceStub(embed_channel)
-
-
-def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    """The ErrorInfo detail a failed call carries."""
-    status = rpc_status.from_call(exc)
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    raise AssertionError(f"no ErrorInfo in {status}")
 
 
 @pytest.fixture

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
+from rpc_errors import error_info
 
 from ragmesh.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from services.common.clients import wait_until_serving
@@ -268,18 +267,9 @@ def new_client():
     return lambda channel: Client(channel, f"key-{next(_next_key)}")
 
 
-def _error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    for detail in rpc_status.from_call(exc).details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    raise AssertionError("the error carries no ErrorInfo")
-
-
 @pytest.fixture
 def reason_of():
-    return lambda exc: _error_info(exc).reason
+    return lambda exc: error_info(exc).reason
 
 
 @pytest.fixture

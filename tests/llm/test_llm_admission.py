@@ -9,8 +9,7 @@ import asyncio
 import grpc
 import pytest
 from conftest import collect, gen_overrides
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
+from rpc_errors import error_info
 
 from ragmesh.llm.v1 import llm_pb2
 from services.llm.batching import expected_waits
@@ -28,15 +27,6 @@ EARLY = gen_overrides(max_new_tokens=2000, temperature=0.0, stop_sequences=["12"
 # A short deadline, far below the several 200-token generations ahead of it at any speed
 # this model decodes on a CPU, and far above what a 4-token answer on an idle engine takes.
 SHORT_DEADLINE = 2.0
-
-
-def _error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    for detail in rpc_status.from_call(error).details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    raise AssertionError("no ErrorInfo")
 
 
 async def _queued(client, depth: int, unless=None) -> None:
@@ -78,7 +68,7 @@ async def test_a_request_that_cannot_meet_its_deadline_is_refused_and_others_wai
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await collect(call)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
-        info = _error_info(caught.value)
+        info = error_info(caught.value)
         assert info.reason == "DEADLINE_UNREACHABLE"
         wait = float(info.metadata["expected_wait_seconds"])
         assert wait > float(info.metadata["deadline_seconds"])
@@ -154,7 +144,7 @@ async def test_a_queued_request_is_refused_once_the_measured_rates_show_it_canno
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await collect(hopeless)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
-    assert _error_info(caught.value).reason == "DEADLINE_UNREACHABLE"
+    assert error_info(caught.value).reason == "DEADLINE_UNREACHABLE"
     for call in fillers:
         call.cancel()
 
@@ -186,7 +176,7 @@ async def test_answers_ahead_that_end_early_count_as_short_once_answers_have_end
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await collect(waiting)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
-    assert _error_info(caught.value).reason == "DEADLINE_UNREACHABLE"
+    assert error_info(caught.value).reason == "DEADLINE_UNREACHABLE"
     for call in fillers:
         _, completion = await collect(call)
         assert completion.finish_reason == llm_pb2.FINISH_REASON_STOP

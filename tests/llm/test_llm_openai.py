@@ -8,8 +8,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import grpc
 import pytest
 from conftest import collect, gen_overrides
-from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from rpc_errors import error_info
 
 from ragmesh.llm.v1 import llm_pb2
 
@@ -172,13 +172,6 @@ async def test_an_unreachable_or_wrong_server_fails_the_load_with_a_reason(make_
     assert "double-model" in status.error
 
 
-def _error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    (detail,) = rpc_status.from_call(error).details
-    info = error_details_pb2.ErrorInfo()
-    detail.Unpack(info)
-    return info
-
-
 @pytest.fixture
 def other_double():
     server = OpenAIProtocolDouble()
@@ -202,7 +195,7 @@ async def test_only_configured_openai_servers_are_used_and_only_they_get_the_key
                 )
             )
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        info = _error_info(caught.value)
+        info = error_info(caught.value)
         assert info.reason == "BASE_URL_NOT_ALLOWED"
         assert info.metadata["setting"] == "RAGMESH_LLM_REMOTE_BASE_URLS"
         assert "RAGMESH_LLM_REMOTE_BASE_URLS" in caught.value.details()
@@ -228,7 +221,7 @@ async def test_a_failing_openai_server_is_reported_without_its_reply(make_client
             )
         )
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert _error_info(caught.value).reason == "BACKEND_ERROR"
+    assert error_info(caught.value).reason == "BACKEND_ERROR"
     assert "500" in caught.value.details()
     assert "hunter2" not in caught.value.details()
     assert "hunter2" not in str(rpc_status.from_call(caught.value))

@@ -15,6 +15,7 @@ import torch
 from conftest import BACKENDS, bearer, collect, gen_overrides, out_of_memory
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
+from rpc_errors import error_info
 
 from ragmesh.llm.v1 import llm_pb2
 
@@ -540,7 +541,7 @@ async def test_a_model_without_a_chat_template_serves_generate_and_refuses_chat(
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call()
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert _error_info(caught.value).reason == "NO_CHAT_TEMPLATE"
+        assert error_info(caught.value).reason == "NO_CHAT_TEMPLATE"
         assert "chat template" in caught.value.details()
 
 
@@ -550,17 +551,6 @@ KEYS = {
     "carol-key": "carol:acme",
     "bob-key": "bob:globex",
 }
-
-
-def _error_info(error: grpc.aio.AioRpcError):
-    from google.rpc import error_details_pb2
-
-    for detail in rpc_status.from_call(error).details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    raise AssertionError("no ErrorInfo")
 
 
 async def test_only_admins_change_the_model_and_the_generation_settings(make_client):
@@ -581,7 +571,7 @@ async def test_only_admins_change_the_model_and_the_generation_settings(make_cli
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        info = _error_info(caught.value)
+        info = error_info(caught.value)
         assert (info.reason, info.metadata["scope"]) == ("SCOPE_REQUIRED", "admin")
     status = (await llm.GetModelStatus(llm_pb2.GetModelStatusRequest(), metadata=alice)).status
     assert status.state == llm_pb2.MODEL_STATE_NOT_LOADED
@@ -645,7 +635,7 @@ async def test_cancel_reaches_only_the_callers_own_requests(make_client, faulty_
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await client.llm.Cancel(llm_pb2.CancelRequest(request_id="r1"), metadata=bearer(key))
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-        assert _error_info(caught.value).reason == "REQUEST_NOT_FOUND"
+        assert error_info(caught.value).reason == "REQUEST_NOT_FOUND"
     bobs = generate("bob-key")
     await _cancel_once_queued(client, "bob-key", "r1")
     await client.llm.Cancel(llm_pb2.CancelRequest(request_id="r1"), metadata=bearer("alice-key"))
@@ -670,7 +660,7 @@ async def test_remote_code_runs_only_where_the_operator_allows_it(make_client):
                 llm_pb2.LoadModelRequest(options=llm_pb2.LoadOptions(**asks))
             )
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        info = _error_info(caught.value)
+        info = error_info(caught.value)
         assert (info.reason, info.metadata["setting"]) == ("REMOTE_CODE_NOT_ALLOWED", setting)
         assert setting in caught.value.details()
         status = (await client.llm.GetModelStatus(llm_pb2.GetModelStatusRequest())).status
@@ -703,7 +693,7 @@ async def test_a_request_failing_on_its_own_fails_alone(make_client, faulty_engi
                 )
             )
         assert caught.value.code() == code
-        info = _error_info(caught.value)
+        info = error_info(caught.value)
         assert (info.reason, info.metadata["request_id"]) == (reason, reason)
         assert "injected" not in caught.value.details()
 
@@ -738,7 +728,7 @@ async def test_health_and_model_status_follow_an_engine_restart(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await collect(running)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert _error_info(caught.value).reason == "BATCH_FAILED"
+    assert error_info(caught.value).reason == "BATCH_FAILED"
     assert (await health.read()).status == NOT_SERVING
     restarting = (await watch.read()).status
     assert restarting.state == llm_pb2.MODEL_STATE_RESTARTING
@@ -751,7 +741,7 @@ async def test_health_and_model_status_follow_an_engine_restart(
             client.llm.Generate(llm_pb2.GenerateRequest(prompt="Hello", overrides=sampled))
         )
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert _error_info(caught.value).reason == "ENGINE_RESTARTING"
+    assert error_info(caught.value).reason == "ENGINE_RESTARTING"
 
     engine.model.gate.set()
     assert (await health.read()).status == SERVING
