@@ -131,7 +131,8 @@ async def test_a_file_that_balloons_the_parser_memory_is_stopped_at_the_cap(
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
+        # Gone before the open, or reaped between the open and the read.
         return False
     return state != "Z"
 
