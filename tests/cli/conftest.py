@@ -202,6 +202,18 @@ class Terminal:
         self._seen = match.end()
         return match
 
+    async def prompt(self) -> None:
+        """Waits for the chat's "> " prompt and for its line editor to hold the terminal.
+
+        Keys typed earlier, while the terminal is still in canonical mode, go through
+        the kernel's line discipline: Ctrl-D there is an end of file that readline,
+        switching the terminal to raw mode, reads as a NUL and ignores."""
+        await self.expect("> ")
+        async with asyncio.timeout(HANG_SECONDS):
+            # On a pty's master, tcgetattr reads the command's side (the slave).
+            while termios.tcgetattr(self._fd)[3] & termios.ICANON:
+                await asyncio.sleep(0.01)
+
     def type(self, keys: str) -> None:
         os.write(self._fd, keys.encode())
 

@@ -10,29 +10,29 @@ SESSION = r"session ([0-9a-f-]{36})\n"
 async def test_a_question_is_answered_with_citations_and_ctrl_d_leaves(cli, lighthouse):
     terminal = await cli.terminal("chat", "--doc", lighthouse, "--max-tokens", "16")
     await terminal.expect("new session")
-    await terminal.expect("> ")
+    await terminal.prompt()
     terminal.type("Who keeps the lighthouse?\r")
     await terminal.expect(SESSION)
     await terminal.expect(r"\[D1\] skerry-light\.md")
     await terminal.expect(r"\d+ tokens")
-    await terminal.expect("> ")
+    await terminal.prompt()
     # Ctrl-C at the prompt does not end the chat.
     terminal.type("\x03")
     await terminal.expect(r"\(/quit or Ctrl-D to leave\)")
-    await terminal.expect("> ")
+    await terminal.prompt()
     terminal.type("\x04")
     assert await terminal.exit_code() == 0
 
 
 async def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(cli, lighthouse):
     terminal = await cli.terminal("chat", "--doc", lighthouse, "--max-tokens", "400")
-    await terminal.expect("> ")
+    await terminal.prompt()
     terminal.type("Tell me a long story about the keeper of the Skerry Light.\r")
     session_id = (await terminal.expect(SESSION)).group(1)
     await terminal.expect(r"\w{4}")  # the answer is coming
     terminal.type("\x03")
     await terminal.expect(r"\(answer cancelled\)")
-    await terminal.expect("> ")
+    await terminal.prompt()
     terminal.type("/quit\r")
     assert await terminal.exit_code() == 0
 

@@ -262,11 +262,12 @@ async def test_one_send_message_is_one_trace_across_the_four_services(collector,
             and {a.key: a.value.string_value for a in point.attributes} == {"queue": queue}
         }
 
-    # The answer's 12 tokens: decode steps of one sequence (the first token comes with
-    # the prompt).
+    # One decode step of one sequence per token after the first, which comes with the
+    # prompt; an answer that ends on EOS generated the EOS token too, uncounted.
+    generated = answer.completion_tokens + (answer.finish_reason == sessions_pb2.FINISH_REASON_EOS)
     llm_queue = queue("ragmesh-llm", "decode")
     assert llm_queue["depth"] == 0
-    assert 1 <= llm_queue["batches"] == llm_queue["batched_items"] < answer.completion_tokens
+    assert llm_queue["batches"] == llm_queue["batched_items"] == generated - 1
     assert llm_queue["max_batch_size"] == 1
     embed_queue = queue("ragmesh-embed", "batcher")
     assert embed_queue["depth"] == 0 and 2 <= embed_queue["batches"]
