@@ -210,8 +210,9 @@ class Terminal:
         switching the terminal to raw mode, reads as a NUL and ignores."""
         await self.expect("> ")
         async with asyncio.timeout(HANG_SECONDS):
-            # On a pty's master, tcgetattr reads the command's side (the slave).
-            while termios.tcgetattr(self._fd)[3] & termios.ICANON:
+            # On a pty's master, tcgetattr reads the command's side (the slave). A mode
+            # change sends no event to wait for, so this polls.
+            while termios.tcgetattr(self._fd)[3] & termios.ICANON:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
 
     def type(self, keys: str) -> None:
