@@ -238,7 +238,8 @@ def telemetry(tmp_path_factory):
         "RAGMESH_TELEMETRY_MESH_TARGETS": json.dumps(
             {"telemetry": target, "ingest": f"127.0.0.1:{dead_port}"}
         ),
-        "RAGMESH_TELEMETRY_MESH_PROBE_TIMEOUT_SECONDS": "1",
+        # The service probes itself and must be found SERVING; the dead port is refused at once.
+        "RAGMESH_TELEMETRY_MESH_PROBE_TIMEOUT_SECONDS": "5",
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "services.telemetry"],

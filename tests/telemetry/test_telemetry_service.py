@@ -327,7 +327,11 @@ async def test_peers_get_the_services_own_key_else_the_callers(telemetry):
 
     async def node_b_as_seen(**settings) -> telemetry_pb2.NodeStatus:
         _, stub = await telemetry(
-            node_name="node-a", api_keys=keys, peers=[f"127.0.0.1:{b.port}"], **settings
+            node_name="node-a",
+            api_keys=keys,
+            peers=[f"127.0.0.1:{b.port}"],
+            mesh_probe_timeout_seconds=5,
+            **settings,
         )
         response = await stub.GetMeshStatus(telemetry_pb2.GetMeshStatusRequest(), metadata=user)
         return response.nodes[1]
