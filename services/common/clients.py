@@ -58,9 +58,9 @@ StubT = TypeVar("StubT")
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
-def upstream_reason(exc: grpc.aio.AioRpcError) -> str:
-    """The ErrorInfo reason an upstream's error carries (google.rpc.Status in the trailing
-    metadata), or "" when it carries none."""
+def upstream_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo an upstream's error carries (google.rpc.Status in the trailing
+    metadata), or None when it carries none."""
     for key, value in exc.trailing_metadata() or ():
         if key != _STATUS_DETAILS_KEY:
             continue
@@ -68,11 +68,11 @@ def upstream_reason(exc: grpc.aio.AioRpcError) -> str:
         try:
             details = status_pb2.Status.FromString(value).details
             if any(detail.Unpack(info) for detail in details):
-                return info.reason
+                return info
         except DecodeError:
             pass
-        return ""
-    return ""
+        return None
+    return None
 
 
 class _Forwarding:
@@ -194,9 +194,15 @@ class Upstream(Generic[StubT]):
                 metadata={"upstream": self.name},
             )
         metadata = {"upstream": self.name, "upstream_code": code.name}
-        if reason := upstream_reason(exc):
-            # The upstream's own reason, e.g. QUEUE_FULL: busy, worth a retry later.
-            metadata["upstream_reason"] = reason
+        if info := upstream_info(exc):
+            # The upstream's own reason, e.g. QUEUE_FULL: busy, worth a retry later; and
+            # what it said beside it (a limit, an expected wait), where no key of ours is.
+            # The request id is the call's own, which our interceptor adds.
+            if info.reason:
+                metadata["upstream_reason"] = info.reason
+            for key, value in info.metadata.items():
+                if key != "request_id":
+                    metadata.setdefault(key, value)
         error = ServiceError(
             f"{self.name} service failed: {exc.details()}",
             reason="UPSTREAM_ERROR",

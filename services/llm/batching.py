@@ -262,6 +262,7 @@ class BatchingEngine:
                 raise ResourceExhausted(
                     f"the request queue is full ({self._max_queue} waiting); retry later",
                     reason="QUEUE_FULL",
+                    metadata={"limit": str(self._max_queue)},
                 )
             if job.deadline is not None:
                 self._admit_by_deadline(request, job.deadline)

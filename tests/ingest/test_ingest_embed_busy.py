@@ -148,6 +148,7 @@ async def test_the_embed_client_tells_a_full_queue_from_a_request_that_never_fit
             "upstream": "embed",
             "upstream_code": "RESOURCE_EXHAUSTED",
             "upstream_reason": "QUEUE_FULL",
+            "limit": str(QUEUE),
         }
     finally:
         await flood.stop()
