@@ -224,8 +224,15 @@ async def test_a_worker_that_loses_its_lease_stops_and_leaves_the_job_to_its_new
 async def test_a_worker_whose_lease_ran_out_never_undoes_the_new_owners_work(
     make_settings, tmp_path, embed_proxy, embed_server, new_client
 ):
+    # A lease renewed only every 200 s: the stalled worker's renewal (every 20 s with the
+    # default 60 s) would give it back the lease the test ended, and the second replica,
+    # were it slower to claim the job than that, would never get it.
     settings = make_settings(
-        tmp_path, embed_target=embed_proxy.target, workers=1, index_sync_seconds=3600
+        tmp_path,
+        embed_target=embed_proxy.target,
+        workers=1,
+        index_sync_seconds=3600,
+        job_lease_seconds=HELD.total_seconds(),
     )
     stalled = await start(settings)
     try:
