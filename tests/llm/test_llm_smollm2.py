@@ -28,13 +28,16 @@ async def smol(tmp_path_factory):
     await client.close()
 
 
+# Greedy decoding of this question takes each token of "The capital of France is Paris."
+# and then its end by more than a logit over the next best, on llama.cpp and transformers
+# alike; without "Answer with one word." the first token was a near-tie (0.1-0.2 logits)
+# with "Le"/"L'", whose answers never name Paris: another CPU's rounding could tip it.
+QUESTION = "What is the capital of France? Answer with one word."
+
+
 async def test_the_default_model_answers_a_simple_question(smol):
     request = llm_pb2.ChatRequest(
-        messages=[
-            llm_pb2.ChatMessage(
-                role=llm_pb2.ROLE_USER, content="Which city is the capital of France?"
-            )
-        ],
+        messages=[llm_pb2.ChatMessage(role=llm_pb2.ROLE_USER, content=QUESTION)],
         overrides=gen_overrides(temperature=0.0, max_new_tokens=24),
     )
     deltas, completion = await collect(smol.llm.Chat(request))
@@ -62,9 +65,7 @@ async def test_the_transformers_backend_still_loads_the_gguf_when_named(make_cli
     assert status.state == llm_pb2.MODEL_STATE_READY, status.error
     assert status.options.backend == llm_pb2.BACKEND_TRANSFORMERS
     request = llm_pb2.ChatRequest(
-        messages=[
-            llm_pb2.ChatMessage(role=llm_pb2.ROLE_USER, content="What is the capital of France?")
-        ],
+        messages=[llm_pb2.ChatMessage(role=llm_pb2.ROLE_USER, content=QUESTION)],
         overrides=gen_overrides(temperature=0.0, max_new_tokens=24),
     )
     deltas, _ = await collect(client.llm.Chat(request))
@@ -115,11 +116,13 @@ async def _reusable(client, request_id: str, within: float) -> bool:
 
 async def test_a_client_cancel_or_deadline_stops_generation(smol):
     # 300 tokens take the real model far longer than the second allowed below, and greedy
-    # decoding of this prompt does not end early (a sampled story sometimes did). The
-    # second is still well beyond the prompt's expected wait, so admission lets it in on a
-    # loaded machine, where a fraction of a second might be refused as unreachable.
+    # counting does not end early: at no step is its end likely (a sampled story sometimes
+    # ended early, and a greedy one came within a twentieth of a logit of another path,
+    # with an end likely 30 tokens in). The second is still well beyond the prompt's
+    # expected wait, so admission lets it in on a loaded machine, where a fraction of a
+    # second might be refused as unreachable.
     overrides = gen_overrides(max_new_tokens=300, temperature=0)
-    prompt = "Write a long story about a dragon, in many paragraphs."
+    prompt = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
     call = smol.llm.Generate(
         llm_pb2.GenerateRequest(prompt=prompt, request_id="gone", overrides=overrides)
     )
