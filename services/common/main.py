@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
@@ -27,6 +28,12 @@ class App(Protocol):
 
 def run_service(settings_class: type[S], start: Callable[[S], Awaitable[App]]) -> None:
     """Builds settings from the environment, starts the app, serves until signalled."""
+    if unknown := settings_class.unknown_variables(os.environ):
+        sys.exit(
+            f"unknown settings for {settings_class.__name__}: {'; '.join(unknown)}. "
+            "Each of the service's variables must name one of its settings (README, "
+            "Configuration)."
+        )
     try:
         settings = settings_class()
     except ValidationError as exc:

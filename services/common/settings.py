@@ -1,9 +1,12 @@
 """Settings every service shares; each service subclasses with its own env prefix."""
 
+import difflib
 import ipaddress
+from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.context import parse_principal
@@ -72,6 +75,31 @@ class ServiceSettings(BaseSettings):
         return f"{cls.model_config.get('env_prefix', '')}{field_name}".upper()
 
     @classmethod
+    def unknown_variables(cls, environ: Mapping[str, str]) -> list[str]:
+        """The variables under the service's prefix that name none of its settings, each
+        with the one it most looks like: pydantic-settings would ignore a misspelt
+        setting in silence. A setting read from another name (an alias, such as
+        telemetry's NODE_NAME) is not known by its prefixed name, and points there."""
+        prefix = cls.model_config.get("env_prefix", "")
+        if not prefix:
+            return []
+        # The part after the prefix of each setting -> the variable it is read from.
+        settings = {
+            name.upper(): _read_from(cls, name, field) for name, field in cls.model_fields.items()
+        }
+        unknown = []
+        for variable in sorted(environ):
+            upper = variable.upper()
+            setting = upper.removeprefix(prefix)
+            if not upper.startswith(prefix) or settings.get(setting) == upper:
+                continue
+            close = difflib.get_close_matches(setting, settings, n=1, cutoff=0.75)
+            unknown.append(
+                f"{variable} (did you mean {settings[close[0]]}?)" if close else variable
+            )
+        return unknown
+
+    @classmethod
     def service_name(cls) -> str:
         """The service's short name, from its prefix: RAGMESH_INGEST_ gives "ingest"."""
         prefix = cls.model_config.get("env_prefix", "")
@@ -97,3 +125,13 @@ class ServiceSettings(BaseSettings):
                 f"refusing to listen on {self.host} without credentials: set api_keys or "
                 "jwt_key, or set auth_disabled=true to run an open service on purpose"
             )
+
+
+def _read_from(settings_class: type[ServiceSettings], name: str, field: FieldInfo) -> str:
+    """The environment variable a setting is read from: its prefixed name, or its alias."""
+    alias = field.validation_alias
+    if alias is None:
+        return settings_class.env_name(name)
+    if isinstance(alias, AliasChoices):
+        alias = alias.choices[0]
+    return str(alias).upper()

@@ -53,6 +53,37 @@ def test_list_setting_that_is_not_json_exits_with_a_message_not_a_traceback():
     assert "Traceback" not in result.stderr
 
 
+def test_a_misspelt_setting_stops_the_service_with_the_one_it_looks_like():
+    result = start_telemetry(
+        RAGMESH_TELEMETRY_MESH_PROBE_TIMEOUT_SECOND="5", RAGMESH_TELEMETRY_COLOUR="blue"
+    )
+    assert result.returncode != 0
+    assert "unknown settings for TelemetrySettings" in result.stderr
+    assert (
+        "RAGMESH_TELEMETRY_MESH_PROBE_TIMEOUT_SECOND "
+        "(did you mean RAGMESH_TELEMETRY_MESH_PROBE_TIMEOUT_SECONDS?)" in result.stderr
+    )
+    # Like no setting: named, with nothing to suggest.
+    assert "RAGMESH_TELEMETRY_COLOUR;" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_only_the_services_own_prefix_is_checked():
+    environ = {
+        "RAGMESH_TELEMETRY_PORT": "1",
+        "RAGMESH_INGEST_ANYTHING": "x",
+        "RAGMESH_API_KEY": "the CLI's",
+        "NODE_NAME": "node-1",
+    }
+    assert TelemetrySettings.unknown_variables(environ) == []
+    # The node's name is read from NODE_NAME (what Kubernetes' downward API sets), not
+    # from the prefixed name.
+    environ["RAGMESH_TELEMETRY_NODE_NAME"] = "node-1"
+    assert TelemetrySettings.unknown_variables(environ) == [
+        "RAGMESH_TELEMETRY_NODE_NAME (did you mean NODE_NAME?)"
+    ]
+
+
 def test_service_refuses_open_exposure_at_start():
     result = start_telemetry(RAGMESH_TELEMETRY_HOST="0.0.0.0", RAGMESH_TELEMETRY_PORT="0")
     assert result.returncode != 0
