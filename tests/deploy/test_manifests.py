@@ -334,6 +334,14 @@ def test_images_are_tagged_and_llm_is_cuda_only_on_gpu_clusters(overlay):
         assert image == f"ragmesh/{llm if name == 'llm' else name}:0.1.0", name
 
 
+def test_no_pod_gets_kubernetes_service_variables(overlay):
+    """Service links would put <SERVICE>_PORT=tcp://... for every Service in every pod:
+    under a name prefix such as "ragmesh-", RAGMESH_LLM_PORT (a bad port) and
+    RAGMESH_LLM_SERVICE_HOST (no setting), each of which stops the service at start."""
+    for name, workload in overlay.workloads.items():
+        assert pod_spec(workload)["enableServiceLinks"] is False, name
+
+
 def test_every_container_runs_unprivileged_on_a_read_only_root(overlay):
     for name, workload in overlay.workloads.items():
         spec = pod_spec(workload)
