@@ -3,6 +3,7 @@ loopback ports, an llm proxy that records and can fault what sessions sends, and
 sessions server per database backend."""
 
 import asyncio
+import contextlib
 
 import grpc
 import pytest
@@ -54,30 +55,40 @@ async def ingest_target(embed_target, tmp_path_factory):
     await app.close()
 
 
+@contextlib.asynccontextmanager
+async def serving_llm(data, **settings):
+    """An llm service with the default model (the packaged GGUF, on llama.cpp) READY,
+    with settings beside the defaults; its target."""
+    app = await start_llm(
+        LlmSettings(
+            port=0,
+            data_dir=data,
+            models_dir=data / "models",
+            api_keys=API_KEYS,
+            shutdown_grace_seconds=0.5,
+            **settings,
+        )
+    )
+    try:
+        target = f"127.0.0.1:{app.server.port}"
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = llm_pb2_grpc.LlmServiceStub(channel)
+            watch = stub.WatchModelStatus(llm_pb2.WatchModelStatusRequest(), metadata=ALICE)
+            async for update in watch:
+                if update.status.state == llm_pb2.MODEL_STATE_READY:
+                    break
+                assert update.status.state != llm_pb2.MODEL_STATE_FAILED, update.status.error
+            watch.cancel()
+        yield target
+    finally:
+        await app.server.stop(0)
+        await app.close()
+
+
 @pytest.fixture(scope="session")
 async def llm_target(tmp_path_factory):
-    # The default model, the packaged GGUF, loads from its package on llama.cpp.
-    data = tmp_path_factory.mktemp("llm")
-    settings = LlmSettings(
-        port=0,
-        data_dir=data,
-        models_dir=data / "models",
-        api_keys=API_KEYS,
-        shutdown_grace_seconds=0.5,
-    )
-    app = await start_llm(settings)
-    target = f"127.0.0.1:{app.server.port}"
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = llm_pb2_grpc.LlmServiceStub(channel)
-        watch = stub.WatchModelStatus(llm_pb2.WatchModelStatusRequest(), metadata=ALICE)
-        async for update in watch:
-            if update.status.state == llm_pb2.MODEL_STATE_READY:
-                break
-            assert update.status.state != llm_pb2.MODEL_STATE_FAILED, update.status.error
-        watch.cancel()
-    yield target
-    await app.server.stop(0)
-    await app.close()
+    async with serving_llm(tmp_path_factory.mktemp("llm")) as target:
+        yield target
 
 
 class LlmProxy:

@@ -7,13 +7,11 @@ import asyncio
 
 import grpc
 import pytest
-from conftest import ALICE, API_KEYS
+from conftest import ALICE, serving_llm
 from rpc_errors import error_info
 
 from ragmesh.llm.v1 import llm_pb2, llm_pb2_grpc
 from ragmesh.sessions.v1 import sessions_pb2
-from services.llm.app import start as start_llm
-from services.llm.settings import LlmSettings
 
 # Greedy counting goes on for as long as it is let; the filler is cancelled, never ends.
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
@@ -21,31 +19,10 @@ COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
 
 @pytest.fixture(scope="module")
 async def one_slot_llm(tmp_path_factory):
-    """An llm with the packaged model, one decode slot and no queue; its target."""
+    """An llm with one decode slot and no queue; its target."""
     data = tmp_path_factory.mktemp("one-slot-llm")
-    settings = LlmSettings(
-        port=0,
-        data_dir=data,
-        models_dir=data / "models",
-        api_keys=API_KEYS,
-        max_batch_size=1,
-        max_queue=0,
-        shutdown_grace_seconds=0.5,
-    )
-    app = await start_llm(settings)
-    target = f"127.0.0.1:{app.server.port}"
-    async with grpc.aio.insecure_channel(target) as channel:
-        watch = llm_pb2_grpc.LlmServiceStub(channel).WatchModelStatus(
-            llm_pb2.WatchModelStatusRequest(), metadata=ALICE
-        )
-        async for update in watch:
-            if update.status.state == llm_pb2.MODEL_STATE_READY:
-                break
-            assert update.status.state != llm_pb2.MODEL_STATE_FAILED, update.status.error
-        watch.cancel()
-    yield target
-    await app.server.stop(0)
-    await app.close()
+    async with serving_llm(data, max_batch_size=1, max_queue=0) as target:
+        yield target
 
 
 async def test_a_question_the_busy_llm_refuses_is_kept_and_answered_once_when_sent_again(
