@@ -8,7 +8,7 @@ import asyncio
 
 import grpc
 import pytest
-from conftest import collect, gen_overrides
+from conftest import COUNTING, collect, gen_overrides
 from rpc_errors import error_info
 
 from ragmesh.llm.v1 import llm_pb2
@@ -17,8 +17,6 @@ from services.llm.catalogue import DEFAULT_MODEL_NAME
 
 pytestmark = pytest.mark.slow
 
-# Greedy counting runs to max_new_tokens: the queue stays long while the test looks at it.
-COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
 LONG = gen_overrides(max_new_tokens=200, temperature=0.0)
 SHORT = gen_overrides(max_new_tokens=4, temperature=0.0)
 # Greedy counting stopped at "12": 7 tokens (" 11, 1" and the "2"), far below its

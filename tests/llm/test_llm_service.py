@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from conftest import BACKENDS, bearer, collect, gen_overrides, out_of_memory
+from conftest import BACKENDS, COUNTING, bearer, collect, gen_overrides, out_of_memory
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 from rpc_errors import error_info
@@ -22,11 +22,6 @@ from ragmesh.llm.v1 import llm_pb2
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 GREEDY = {"temperature": 0.0}
-# A request that is still running when the test acts on it, after its first token: greedy
-# counting, which SmolLM2 ends with a probability below 1e-4 at every step for hundreds of
-# tokens (and the tiny model repeats one token). A sampled answer to "Once" ended on EOS
-# within four tokens about once in 200.
-COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
 
 
 def details(error: grpc.aio.AioRpcError):

@@ -5,7 +5,7 @@ import time
 
 import grpc
 import pytest
-from conftest import Client, collect, gen_overrides, llm_settings
+from conftest import COUNTING, Client, collect, gen_overrides, llm_settings
 
 from ragmesh.llm.v1 import llm_pb2
 from services.llm.app import start
@@ -122,7 +122,7 @@ async def test_a_client_cancel_or_deadline_stops_generation(smol):
     # expected wait, so admission lets it in on a loaded machine, where a fraction of a
     # second might be refused as unreachable.
     overrides = gen_overrides(max_new_tokens=300, temperature=0)
-    prompt = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
+    prompt = COUNTING
     call = smol.llm.Generate(
         llm_pb2.GenerateRequest(prompt=prompt, request_id="gone", overrides=overrides)
     )
